@@ -26,4 +26,4 @@ OFFICIAL = FIXTURES / "official"
 
 @pytest.fixture
 def official_dir():
-  return OFFICIAL
+    return OFFICIAL
