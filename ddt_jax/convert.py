@@ -9,11 +9,17 @@ torch is imported only to unpickle `.ckpt` / `.pt` / `.pth` files.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import re
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -66,13 +72,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # Our parameter paths mirror the official names; `_ddt_torch_key` maps each of ours to exactly one
 # official key, so a missing, extra or mis-shaped tensor is reported instead of silently skipped.
 # ------------------------------------------------------------------------------------------------
-import json  # noqa: E402
-import re  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-from flax import nnx  # noqa: E402
 
 LIGHTNING_EMA_PREFIX = "ema_denoiser."
 LIGHTNING_RAW_PREFIX = "denoiser."
@@ -310,7 +310,6 @@ def load_converted(directory: str | os.PathLike, *, dtype: str | None = None):
 # our module asks for exactly one diffusers key; anything missing, left over or mis-shaped is an
 # error, so a half-loaded VAE can never decode silently wrong images.
 # ------------------------------------------------------------------------------------------------
-# Uses json, re, jnp and nnx imported by the DDT section above.
 VAE_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -490,46 +489,6 @@ def _vae_head(items, n: int = 12) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-def _convert_ddt_command(args) -> None:
-    weights, extras = split_ddt_checkpoint(read_state_dict(args.input), use_ema=not args.raw)
-    config = infer_ddt_config(weights, num_encoder_blocks=args.num_encoder_blocks, in_channels=args.in_channels,
-                              patch_size=args.patch_size, name_hint=str(args.input))
-    model = ddt_from_state_dict(weights, config)
-    projector = load_repa_projector(args.input) if any(k.startswith(LIGHTNING_REPA_PREFIX) for k in extras) else None
-    from ddt_jax.models import ddt
-    out = save_converted(model, args.output, config, repa_projector=projector)
-    print(f"converted {args.input} ({'raw' if args.raw else 'EMA'} weights, {config.arch.upper()} "
-          f"{config.variant} {config.num_encoder_blocks}en{config.num_blocks - config.num_encoder_blocks}de, "
-          f"{ddt.count_params(model):,} params{', + REPA projector' if projector else ''}) -> {out}")
-
-
-def main(argv=None) -> None:
-    """python -m ddt_jax.convert ddt --input MODEL.ckpt --num-encoder-blocks 22 --output DIR"""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m ddt_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ddt", help="DDT / DiT weights -> orbax checkpoint (DIR/params + DIR/model_config.json)")
-    p.add_argument("--input", required=True, help=".ckpt (Lightning), .pt/.pth or .safetensors")
-    p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--num-encoder-blocks", type=int, default=None,
-                   help="encoder depth (22 for DDT-XL/2 22en6de); parsed from names like '22en6de' if omitted")
-    p.add_argument("--raw", action="store_true", help="take the raw `denoiser.` weights instead of the EMA copy")
-    p.add_argument("--in-channels", type=int, default=None, help="latent channels if not 4 (shapes tell only C*p*p)")
-    p.add_argument("--patch-size", type=int, default=None, help="patch size, when the channel count is unknown")
-    p.set_defaults(run=_convert_ddt_command)
-    args = parser.parse_args(argv)
-    args.run(args)
-
-
-if __name__ == "__main__":
-    main()
-
-
-# ------------------------------------------------------------------------------------------------
 # DINOv2 (the frozen REPA target): torch-hub `dinov2_vit*14_pretrain.pth` or .safetensors -> NNX.
 #
 #   dino = load_dinov2("dinov2_vitb14_pretrain.pth", dtype=jnp.bfloat16)   # feats = dino(images)
@@ -540,9 +499,7 @@ if __name__ == "__main__":
 # count from DINOV2_VARIANTS. Each of our params maps to exactly one torch key, so a missing, extra
 # or mis-shaped tensor is reported instead of silently skipped.
 # ------------------------------------------------------------------------------------------------
-import re  # noqa: E402
 
-import jax.numpy as jnp  # noqa: E402
 
 # nnx leaf name -> torch leaf name (Linear/Conv `kernel` and LayerNorm `scale` are torch's `weight`).
 _DINOV2_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight"}
@@ -623,7 +580,6 @@ def dinov2_state_from_state_dict(sd: Mapping[str, np.ndarray], config: dict):
     unexpected and mis-shaped keys are reported together in one ValueError. `nnx.merge(graphdef,
     state)` gives the module; the state alone is what a converted-checkpoint writer would save.
     """
-    from flax import nnx
     from ddt_jax.models.dinov2 import DINOv2
 
     abstract = nnx.eval_shape(lambda: DINOv2(**config, rngs=nnx.Rngs(0)))
@@ -661,10 +617,6 @@ def load_dinov2(path: str | os.PathLike, *, num_heads: int | None = None, dtype=
     `dtype` is the compute dtype (params stay float32); `model_kwargs` go to `DINOv2` (e.g.
     `nonsquare="direct"`).
     """
-    from flax import nnx
-
-    import jax
-
     sd = read_state_dict(path)
     config = dinov2_config_from_state_dict(sd, num_heads=num_heads)
     graphdef, state = dinov2_state_from_state_dict(sd, {**config, "dtype": dtype, **model_kwargs})
@@ -701,3 +653,44 @@ def add_dinov2_command(subparsers) -> None:
     p.add_argument("--output", required=True, help="output .safetensors file")
     p.add_argument("--num-heads", type=int, default=None, help="heads, for a width not in DINOV2_VARIANTS")
     p.set_defaults(run=run)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def _convert_ddt_command(args) -> None:
+    weights, extras = split_ddt_checkpoint(read_state_dict(args.input), use_ema=not args.raw)
+    config = infer_ddt_config(weights, num_encoder_blocks=args.num_encoder_blocks, in_channels=args.in_channels,
+                              patch_size=args.patch_size, name_hint=str(args.input))
+    model = ddt_from_state_dict(weights, config)
+    projector = load_repa_projector(args.input) if any(k.startswith(LIGHTNING_REPA_PREFIX) for k in extras) else None
+    from ddt_jax.models import ddt
+    out = save_converted(model, args.output, config, repa_projector=projector)
+    print(f"converted {args.input} ({'raw' if args.raw else 'EMA'} weights, {config.arch.upper()} "
+          f"{config.variant} {config.num_encoder_blocks}en{config.num_blocks - config.num_encoder_blocks}de, "
+          f"{ddt.count_params(model):,} params{', + REPA projector' if projector else ''}) -> {out}")
+
+
+def main(argv=None) -> None:
+    """python -m ddt_jax.convert ddt --input MODEL.ckpt --num-encoder-blocks 22 --output DIR"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ddt_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ddt", help="DDT / DiT weights -> orbax checkpoint (DIR/params + DIR/model_config.json)")
+    p.add_argument("--input", required=True, help=".ckpt (Lightning), .pt/.pth or .safetensors")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--num-encoder-blocks", type=int, default=None,
+                   help="encoder depth (22 for DDT-XL/2 22en6de); parsed from names like '22en6de' if omitted")
+    p.add_argument("--raw", action="store_true", help="take the raw `denoiser.` weights instead of the EMA copy")
+    p.add_argument("--in-channels", type=int, default=None, help="latent channels if not 4 (shapes tell only C*p*p)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size, when the channel count is unknown")
+    p.set_defaults(run=_convert_ddt_command)
+    add_dinov2_command(sub)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
