@@ -135,6 +135,12 @@ def _parse_encoder_depth(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _parse_resolution(name: str) -> int | None:
+    """'DDT-XL-22en6de-R512' -> 512 (the pixel resolution in the official checkpoint names)."""
+    match = re.search(r"R(\d{3,4})(?!\d)", name)
+    return int(match.group(1)) if match else None
+
+
 def _split_patch_features(patch_features: int, in_channels: int | None, patch_size: int | None) -> tuple[int, int]:
     """C*p*p -> (C, p). Shapes only tell the product: prefer what the caller says, else C = 4
     (SD-VAE latents), 3 (RGB pixels), 1 (grey) in that order, else p = 1."""
@@ -159,8 +165,12 @@ def _split_patch_features(patch_features: int, in_channels: int | None, patch_si
 
 def infer_ddt_config(weights: Mapping[str, np.ndarray], *, num_encoder_blocks: int | None = None,
                      in_channels: int | None = None, patch_size: int | None = None,
-                     name_hint: str = "") -> ml_collections.ConfigDict:
-    """A model config (see `models.ddt.default_model_config`) that matches the official weights' shapes."""
+                     image_size: int | None = None, name_hint: str = "") -> ml_collections.ConfigDict:
+    """A model config (see `models.ddt.default_model_config`) that matches the official weights' shapes.
+
+    `image_size` is the latent side the model samples at (shapes cannot tell it: RoPE positions are
+    resolution-normalised); default: from a name like `R512` (512 / 8 = 64 for SD-VAE latents), else 32.
+    """
     from ddt_jax.models import ddt
 
     required = ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "blocks.0.attn.q_norm.weight")
@@ -179,6 +189,9 @@ def infer_ddt_config(weights: Mapping[str, np.ndarray], *, num_encoder_blocks: i
     cfg.hidden_size, cfg.num_heads, cfg.num_blocks = int(hidden), int(hidden // head_dim), int(num_blocks)
     cfg.in_channels = int(c)
     cfg.num_classes = int(weights["y_embedder.embedding_table.weight"].shape[0] - 1)
+    if image_size is None and (resolution := _parse_resolution(name_hint)) and c == 4:
+        image_size = resolution // 8  # SD-VAE downsamples by 8
+    cfg.image_size = int(image_size or 32)
     if cfg.arch == "ddt":
         depth = num_encoder_blocks or _parse_encoder_depth(name_hint)
         if depth is None:
@@ -661,7 +674,7 @@ def add_dinov2_command(subparsers) -> None:
 def _convert_ddt_command(args) -> None:
     weights, extras = split_ddt_checkpoint(read_state_dict(args.input), use_ema=not args.raw)
     config = infer_ddt_config(weights, num_encoder_blocks=args.num_encoder_blocks, in_channels=args.in_channels,
-                              patch_size=args.patch_size, name_hint=str(args.input))
+                              patch_size=args.patch_size, image_size=args.image_size, name_hint=str(args.input))
     model = ddt_from_state_dict(weights, config)
     projector = load_repa_projector(args.input) if any(k.startswith(LIGHTNING_REPA_PREFIX) for k in extras) else None
     from ddt_jax.models import ddt
@@ -686,6 +699,8 @@ def main(argv=None) -> None:
     p.add_argument("--raw", action="store_true", help="take the raw `denoiser.` weights instead of the EMA copy")
     p.add_argument("--in-channels", type=int, default=None, help="latent channels if not 4 (shapes tell only C*p*p)")
     p.add_argument("--patch-size", type=int, default=None, help="patch size, when the channel count is unknown")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="latent side to sample at (64 for 512px); default from a name like 'R512', else 32")
     p.set_defaults(run=_convert_ddt_command)
     add_dinov2_command(sub)
     args = parser.parse_args(argv)

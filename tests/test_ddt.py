@@ -89,6 +89,9 @@ def test_encoder_depth_from_name_and_patch_inference(tmp_path):
     weights = load_file(OFFICIAL / "ddt_tiny.safetensors")
     cfg = convert.infer_ddt_config(weights, name_hint="/ckpts/DDT-tiny-3en1de/model.ckpt")
     assert (cfg.num_encoder_blocks, cfg.in_channels, cfg.variant[-2:], cfg.num_classes) == (3, 4, "/2", 10)
+    assert cfg.image_size == 32
+    cfg = convert.infer_ddt_config(weights, name_hint="/ckpts/DDT-tiny-2en2de-R512/model.ckpt")
+    assert (cfg.num_encoder_blocks, cfg.image_size) == (2, 64)
     with pytest.raises(ValueError, match="num_encoder_blocks"):
         convert.infer_ddt_config(weights, name_hint="model.ckpt")
     with pytest.raises(ValueError, match=r"must be in \[1, 3\]"):
