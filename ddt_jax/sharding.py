@@ -1,0 +1,178 @@
+"""Device mesh, logical-axis rules and batch placement (MaxText vocabulary: data, fsdp, tensor).
+
+Every parameter names its axes logically (`embed`, `mlp`, `qkv`, `heads`, ...; see
+docs/CONTRACTS.md). A config's `mesh.rules` map those names to mesh axes, so the same model runs
+data-parallel on one host, FSDP on a pod, or with tensor parallelism, by changing the config only:
+
+    mesh = sharding.create_mesh(config.mesh)                  # ('data', 'fsdp', 'tensor'), Auto axes
+    shardings = sharding.logical_to_named(abstract_state, mesh, config.mesh.rules)
+    batch = sharding.host_to_global(local_numpy_batch, mesh)  # leading axis over ('data', 'fsdp')
+
+The batch is split over `data` and `fsdp` together (FSDP is data parallelism whose replicas also
+split the weights); `tensor` devices see the same examples.
+
+Tests: .venv/bin/python -m pytest tests/test_sharding.py -q
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+    """Resolves the config's (data, fsdp, tensor) sizes; one of them may be -1 (= the rest)."""
+    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one mesh axis may be -1 (the rest of the devices); got {dict(zip(MESH_AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive or -1; got {dict(zip(MESH_AXES, sizes))}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by "
+                             f"the fixed axes' product {fixed}")
+        sizes[MESH_AXES.index(free[0])] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"but {num_devices} are available")
+    return tuple(sizes)
+
+
+def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axes (Explicit axes turn constraints into asserts)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def rules_dict(rules) -> dict[str, tuple[str, ...]]:
+    """Config rules ((logical, mesh_axis | (mesh_axes...) | None), ...) -> {logical: (mesh axes...)}."""
+    out = {}
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"each logical-axis rule is (logical_name, mesh_axes); got {rule!r}")
+        name, axes = rule
+        if axes is None:
+            axes = ()
+        elif isinstance(axes, str):
+            axes = (axes,)
+        axes = tuple(axes)
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"rule for {name!r} names unknown mesh axes {unknown}; mesh axes are {MESH_AXES}")
+        out[name] = axes
+    return out
+
+
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: jax.sharding.Mesh,
+                    rules: Mapping[str, tuple[str, ...]], *, what: str = "array") -> P:
+    """A PartitionSpec for an array whose axes have logical names.
+
+    A mesh axis is used at most once per array (the first logical axis that maps to it wins), and a
+    dimension that does not divide evenly over its mesh axes stays replicated (e.g. the 1001-row
+    label table over fsdp=8): uneven shards would cost padding and surprise checkpoint readers.
+    """
+    if len(logical) != len(shape):
+        raise ValueError(f"{what}: {len(logical)} logical axis names {tuple(logical)} for shape {tuple(shape)}")
+    used, spec = set(), []
+    for name, dim in zip(logical, shape):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise ValueError(f"{what}: logical axis {name!r} has no rule in mesh.rules "
+                             f"(known: {sorted(rules)}); add ({name!r}, None) to replicate it")
+        axes = tuple(a for a in rules[name] if a not in used and mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if axes and dim % size:
+            logging.info("%s: axis %r (%d) does not divide over %s (%d): replicated", what, name, dim, axes, size)
+            axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def _variable_axes(variable) -> tuple | None:
+    metadata = variable.get_metadata()
+    axes = metadata.get("out_sharding") or metadata.get("sharding_names")
+    return tuple(axes) if axes else None
+
+
+def logical_to_named(state, mesh: jax.sharding.Mesh, rules) -> object:
+    """NamedShardings for an nnx.State (abstract or concrete) from its params' logical-axis metadata.
+
+    Variables without metadata are replicated. Returns a tree of the same structure as `state`.
+    """
+    rules = rules if isinstance(rules, dict) else rules_dict(rules)
+
+    def one(path, variable):
+        value = variable.get_value()
+        axes = _variable_axes(variable)
+        name = "/".join(str(p) for p in path)
+        spec = P() if axes is None else logical_to_spec(axes, value.shape, mesh, rules, what=name)
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return nnx.map_state(one, state)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading axis split over (data, fsdp); the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh,
+                     process_count: int | None = None) -> int:
+    """Returns the per-process batch size, or raises saying why the global batch cannot be split."""
+    process_count = jax.process_count() if process_count is None else process_count
+    dp = data_parallel_size(mesh)
+    if global_batch_size % dp:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the {dp} data-parallel devices "
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); choose a multiple of {dp}")
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} "
+                         "processes (hosts); each host loads an equal share")
+    return global_batch_size // process_count
+
+
+def host_to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Per-process numpy batch (this host's contiguous share) -> global arrays sharded over (data, fsdp).
+
+    Each process passes its local rows; `make_array_from_process_local_data` places them on the
+    process's devices, so the global batch is the concatenation over processes in process order.
+    """
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        sharding = batch_sharding(mesh, value.ndim)
+        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds for a tree of (abstract or concrete) arrays with NamedShardings."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total

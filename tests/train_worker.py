@@ -1,0 +1,34 @@
+"""`train.py` for subprocess tests, optionally SIGKILLing itself in the middle of one checkpoint save.
+
+    DDT_TEST_KILL_DURING_SAVE=10 python tests/train_worker.py --config=configs/tiny.py --workdir=DIR
+
+With DDT_TEST_KILL_DURING_SAVE=N the process kills itself (SIGKILL: no cleanup, no finally) while
+the step-N checkpoint is being written: after orbax created its temporary directory and started the
+train-state write, inside the data-iterator item's save. Everything else is exactly train.py.
+"""
+import os
+import re
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+
+import train  # noqa: E402
+
+if __name__ == "__main__":
+    kill_step = os.environ.get("DDT_TEST_KILL_DURING_SAVE")
+    if kill_step:
+        import grain
+
+        original_save = grain.checkpoint.CheckpointHandler.save
+
+        def save_then_die(self, directory, *args, **kwargs):
+            if re.search(rf"/{int(kill_step)}\.orbax-checkpoint-tmp", str(directory)):
+                print(f"KILLING during the step-{kill_step} save", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_save(self, directory, *args, **kwargs)
+
+        grain.checkpoint.CheckpointHandler.save = save_then_die
+    app.run(train.main)
