@@ -1,0 +1,671 @@
+"""Sample dumps for FID: N class-conditional samples -> the ADM evaluator's `samples.npz` + a PNG grid.
+
+    python sample.py --workdir=/ckpt/ddt_xl_256 --output=/samples/xl_256_ema          # a training run
+    python sample.py --checkpoint=/ckpt/ddt_xl_256_official --vae=/weights/sd-vae-ft-ema \
+        --output=/samples/official_256                                             # converted weights
+    python sample.py ... --config.num_steps=50 --config.state_refresh_rate=2      # sampler overrides
+    python sample.py ... --calibrate --num_recompute=25 --schedule=schedule.json  # solve a DP schedule
+    python sample.py ... --schedule=schedule.json                                 # ... and use it
+
+Writes into --output:
+    samples.npz     arr_0 uint8 (N, H, W, C) NHWC (C = 1 stays 1), arr_1 int64 labels, in the random
+                    order they were drawn (the ADM evaluator computes IS over consecutive chunks of
+                    5,000: class-sorted dumps score IS ~68 instead of ~300)
+    samples.png     the first 64 samples, or one row per class when there are at most 32 classes
+    manifest.json   every setting that changes the samples; a restart must match it
+    parts/          one file per (batch, process) while the dump runs; deleted once samples.npz exists
+
+Reproducibility: labels come from numpy's generator seeded with --seed (uniform, or exactly
+N / num_classes per class with --balanced, shuffled); the noise of batch i is
+normal(fold_in(key(seed), i)), so any batch can be recomputed alone and a restart recomputes only the
+batches whose part files are missing, giving the identical file. The number of devices may change
+between restarts (the samples do not depend on it; on CPU they are bit-identical), a different number
+of processes starts the parts over, and the settings recorded in the manifest may not change.
+
+Multi-host: every process loads the weights, samples its share of every batch (the batch is split
+over a 1-D `data` mesh of all devices) and writes its own part files; after a barrier process 0
+assembles samples.npz, streaming batch by batch (a 50K x 512px dump is 39 GB: it is never held in
+memory). The output directory must be on a file system every process sees.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import time
+import zipfile
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from ddt_jax import checkpoint
+from ddt_jax import convert
+from ddt_jax import sampler as sampler_lib
+from ddt_jax.models import ddt
+
+SAMPLES_FILE = "samples.npz"
+GRID_FILE = "samples.png"
+MANIFEST_FILE = "manifest.json"
+PARTS_DIR = "parts"
+MANIFEST_VERSION = 1
+# fold_in streams of key(seed) other than the batch indices 0, 1, 2, ...
+SDE_STREAM = 2**31 - 1          # per-batch keys for the SDE solvers' step noise
+CALIBRATE_STREAM = 2**31 - 2    # the --calibrate batch
+GRID_SAMPLES = 64
+GRID_MAX_CLASS_ROWS = 32        # up to this many classes, the grid shows one row per class
+
+
+@dataclasses.dataclass
+class DumpArgs:
+    """Everything sample.py takes besides the sampler config (the flags, one to one)."""
+    output: str = ""
+    workdir: str = ""               # a training run: its config.json + checkpoints/
+    checkpoint: str = ""            # or a converted model directory (python -m ddt_jax.convert ddt ...)
+    vae: str = ""                   # SD-VAE (diffusers folder or one file); "none" for a pixel-space model
+    raw: bool = False               # workdir only: the raw params instead of the EMA
+    step: int = -1                  # workdir only: checkpoint step; -1 = the latest
+    dtype: str = ""                 # model compute dtype override ("float32", "bfloat16"); "" = the config's
+    image_size: int = -1            # model-input (latent) side override; -1 = the model config's
+    num_samples: int = 50_000
+    batch_size: int = 256           # global, over all devices of all processes
+    seed: int = 0
+    balanced: bool = False
+    schedule: str = ""              # recompute schedule json (written by --calibrate)
+    calibrate: bool = False         # solve a schedule and write it to `schedule` instead of sampling
+    num_recompute: int = 0          # --calibrate: encoder recomputes in the schedule
+    calibrate_samples: int = 8      # --calibrate: batch size of the statistics (the official uses 8)
+    keep_parts: bool = False        # keep parts/ after samples.npz is written
+
+
+@dataclasses.dataclass
+class Source:
+    """A loaded model, ready to sample on the mesh (params replicated)."""
+    model: nnx.Module
+    vae: nnx.Module | None          # None: the model generates pixels
+    latent_shape: tuple[int, int, int]
+    description: dict[str, Any]     # what the manifest records about the weights
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking the arguments (before any weights are read)
+# ----------------------------------------------------------------------------------------------
+
+def check_args(args: DumpArgs, num_devices: int) -> None:
+    if bool(args.workdir) == bool(args.checkpoint):
+        raise ValueError("pass exactly one of --workdir (a training run) or --checkpoint (a converted "
+                         "model directory from `python -m ddt_jax.convert ddt`)")
+    if args.checkpoint and (args.raw or args.step != -1):
+        raise ValueError("--raw and --step select weights inside a training --workdir; a converted "
+                         "--checkpoint holds one set of weights")
+    if args.dtype and args.dtype not in ddt.DTYPES:
+        raise ValueError(f"--dtype={args.dtype!r}: use one of {sorted(ddt.DTYPES)} (or leave it empty for the "
+                         "model config's)")
+    if args.checkpoint and not args.vae and not args.calibrate:
+        raise ValueError("a converted checkpoint needs --vae=PATH (the SD-VAE diffusers folder or weight file "
+                         "its latents decode with), or --vae=none for a pixel-space model")
+    if args.calibrate:
+        if not args.schedule:
+            raise ValueError("--calibrate writes the solved schedule to --schedule=PATH.json: pass it")
+        if args.num_recompute < 1:
+            raise ValueError("--calibrate needs --num_recompute=K (how many of the num_steps steps run the "
+                             "encoder, e.g. num_steps // 2)")
+        if args.calibrate_samples < 1:
+            raise ValueError(f"--calibrate_samples must be >= 1, got {args.calibrate_samples}")
+        return
+    if not args.output:
+        raise ValueError("pass --output=DIR (samples.npz, samples.png and the resumable parts go there)")
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.batch_size < 1 or args.batch_size % num_devices:
+        good = max(num_devices, args.batch_size // num_devices * num_devices)
+        raise ValueError(f"--batch_size={args.batch_size} is not divisible by the {num_devices} devices "
+                         f"(jax.device_count()): every device samples an equal share; use a multiple of "
+                         f"{num_devices}, e.g. --batch_size={good}")
+
+
+def resolve_sampler_config(config, schedule: str = "") -> dict:
+    """The validated sampler settings (read_config), with the --schedule file's recompute steps."""
+    c = sampler_lib.read_config(config)
+    if schedule:
+        if c["recompute_steps"] is not None:
+            raise ValueError("both --schedule and --config.recompute_steps are set: pass one")
+        if not os.path.exists(schedule):
+            raise FileNotFoundError(f"--schedule={schedule} does not exist; write one with --calibrate "
+                                    f"--num_recompute=K --schedule={schedule}")
+        steps = sampler_lib.load_schedule(schedule)
+        # --calibrate also records the step count it solved for (other writers may not).
+        solved_for = json.loads(pathlib.Path(schedule).read_text()).get("num_steps", c["num_steps"])
+        if solved_for != c["num_steps"]:
+            raise ValueError(f"--schedule={schedule} was solved for num_steps={solved_for} but num_steps is "
+                             f"{c['num_steps']}; calibrate again with this num_steps")
+        if steps[-1] >= c["num_steps"]:
+            raise ValueError(f"--schedule={schedule} recomputes at step {steps[-1]} but num_steps is "
+                             f"{c['num_steps']}: it was solved for more steps; calibrate again")
+        c = sampler_lib.read_config({**c, "recompute_steps": steps})
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh and weights
+# ----------------------------------------------------------------------------------------------
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D `data` mesh over every device of every process (the test passes a subset)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def _replicate(tree, mesh):
+    """Host/device arrays -> arrays replicated over the mesh; works across processes (each process
+    holds the same values, so every device copies from its own host)."""
+    sharding = NamedSharding(mesh, P())
+
+    def put(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _module_on_mesh(module: nnx.Module, mesh) -> nnx.Module:
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, _replicate(state, mesh))
+
+
+def _load_vae(path: str, mesh, scaling_factor: float | None):
+    vae = convert.load_vae(path)
+    if scaling_factor is not None and not math.isclose(vae.scaling_factor, scaling_factor, rel_tol=1e-6):
+        raise ValueError(f"the VAE at {path} has scaling_factor {vae.scaling_factor} but the run trained on "
+                         f"latents scaled by vae.scaling_factor={scaling_factor}: decode with the run's VAE")
+    return _module_on_mesh(vae, mesh)
+
+
+def _latent_shape(model_config, image_size: int) -> tuple[int, int, int]:
+    h = image_size if image_size > 0 else model_config.image_size
+    w = h if image_size > 0 or model_config.get("image_width", -1) <= 0 else model_config.image_width
+    return int(h), int(w), int(model_config.in_channels)
+
+
+def _workdir_steps(workdir: pathlib.Path) -> list[int]:
+    directory = pathlib.Path(checkpoint.checkpoint_dir(workdir))
+    return sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
+
+
+def load_source(args: DumpArgs, mesh, *, decode: bool = True) -> Source:
+    """The model (EMA or raw params of a run, or a converted checkpoint) and its VAE, on the mesh.
+    decode=False (--calibrate) skips loading the VAE; the manifest still names it."""
+    if args.checkpoint:
+        path = pathlib.Path(args.checkpoint).absolute()
+        config_path = path / convert.CONVERTED_CONFIG
+        if not config_path.exists():
+            raise FileNotFoundError(
+                f"--checkpoint={path} is not a converted model (no {convert.CONVERTED_CONFIG}). Create one with "
+                "`python -m ddt_jax.convert ddt --input MODEL.ckpt --num-encoder-blocks N --output DIR`; "
+                "for a training run use --workdir")
+        model_config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+        if args.dtype:
+            model_config.dtype = args.dtype
+        model = _restore_converted_model(path, model_config, mesh)
+        vae_path = None if args.vae in ("", "none") else os.path.abspath(args.vae)
+        vae = None if vae_path is None or not decode else _load_vae(vae_path, mesh, None)
+        description = dict(kind="converted", path=str(path))
+    else:
+        workdir = pathlib.Path(args.workdir).absolute()
+        config_path = workdir / "config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"--workdir={workdir} has no config.json: is it a training run directory "
+                                    "(python train.py --workdir=...)? For converted weights use --checkpoint")
+        run_config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+        model_config = run_config.model
+        if args.dtype:
+            model_config.dtype = args.dtype
+        steps = _workdir_steps(workdir)
+        if not steps:
+            raise FileNotFoundError(f"--workdir={workdir} has no complete checkpoint under checkpoints/ yet")
+        step = steps[-1] if args.step == -1 else args.step
+        if step not in steps:
+            raise ValueError(f"--step={args.step}: no checkpoint for that step in {workdir} (have {steps})")
+        model = _restore_run_model(workdir, step, model_config, args.raw, mesh)
+        pixel = run_config.data.kind == "pixel"
+        if pixel:
+            if args.vae and args.vae != "none":
+                raise ValueError(f"{workdir} trained on pixels (data.kind='pixel'): it has no VAE; drop --vae")
+            vae_path = vae = None
+        else:
+            vae_path = args.vae or run_config.vae.path
+            if not vae_path or vae_path == "none":
+                raise ValueError(f"{workdir} trained on latents but its config has no vae.path: pass --vae=PATH "
+                                 "(the SD-VAE diffusers folder or weight file)")
+            vae_path = os.path.abspath(vae_path)
+            vae = _load_vae(vae_path, mesh, run_config.vae.scaling_factor) if decode else None
+        description = dict(kind="workdir", path=str(workdir), step=int(step), weights="raw" if args.raw else "ema")
+
+    if vae is not None and vae.config.latent_channels != model.in_channels:
+        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels but the model generates "
+                         f"{model.in_channels}: pass the VAE the model was trained with")
+    ddt.model_kwargs(model_config)   # raises on a malformed config
+    description.update(model=model_config.to_dict(), vae=vae_path)
+    return Source(model=model, vae=vae, latent_shape=_latent_shape(model_config, args.image_size),
+                  description=description)
+
+
+def _abstract_params(model_config, mesh):
+    """(graphdef, abstract nnx.Param state with replicated shardings, the rest of the state)."""
+    abstract_model = nnx.eval_shape(lambda: ddt.build_model(model_config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    replicated = NamedSharding(mesh, P())
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+    return graphdef, params, rest
+
+
+def _restore_converted_model(path: pathlib.Path, model_config, mesh) -> nnx.Module:
+    """convert.load_converted, but restored straight into replicated arrays on the mesh: without
+    target shardings orbax falls back to the saving topology, which fails on several processes."""
+    graphdef, params, rest = _abstract_params(model_config, mesh)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / "params", params)
+    return nnx.merge(graphdef, params, rest)
+
+
+def _restore_run_model(workdir: pathlib.Path, step: int, model_config, raw: bool, mesh) -> nnx.Module:
+    """A training run's EMA (or raw) params, restored straight into replicated arrays."""
+    # The trainer stores the nnx.Param state as a pure dict (trainer._split_params).
+    graphdef, params, rest = _abstract_params(model_config, mesh)
+    abstract = params.to_pure_dict()
+    wanted = {"params": {"model": abstract}} if raw else {"ema_params": abstract}
+    restored = checkpoint.restore_params(workdir, wanted, step=step)
+    values = restored["params"]["model"] if raw else restored["ema_params"]
+    nnx.replace_by_pure_dict(params, values)
+    return nnx.merge(graphdef, params, rest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels, noise and the per-batch computation
+# ----------------------------------------------------------------------------------------------
+
+def sample_labels(num_samples: int, num_classes: int, seed: int, balanced: bool = False) -> np.ndarray:
+    """(N,) int64 labels in random order: uniform draws, or exactly N / num_classes of each, shuffled."""
+    rng = np.random.default_rng(seed)
+    if not balanced:
+        return rng.integers(0, num_classes, num_samples, dtype=np.int64)
+    if num_samples % num_classes:
+        raise ValueError(f"--balanced needs --num_samples divisible by the {num_classes} classes, got "
+                         f"{num_samples}; e.g. --num_samples={num_samples // num_classes * num_classes or num_classes}")
+    return rng.permutation(np.repeat(np.arange(num_classes, dtype=np.int64), num_samples // num_classes))
+
+
+def batch_noise(seed: int, index, shape) -> jax.Array:
+    """The starting noise of batch `index`: normal(fold_in(key(seed), index)), float32 (B, H, W, C)."""
+    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), shape, jnp.float32)
+
+
+def batch_step_key(seed: int, index) -> jax.Array:
+    """The per-step noise key of the SDE solvers for batch `index` (a stream apart from the batches)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), SDE_STREAM), index)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """[-1, 1] float -> uint8 as the official dumps: clip((x + 1) * 127.5 + 0.5), truncated."""
+    return jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _sharded_noise(seed, index, shape):
+    # Sharded where it is drawn: threefry gives the same numbers whatever the sharding.
+    return jax.lax.with_sharding_constraint(batch_noise(seed, index, shape), P("data"))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode(vae_graphdef, vae_state, x):
+    images = x if vae_graphdef is None else nnx.merge(vae_graphdef, vae_state).decode(x)
+    return jax.lax.with_sharding_constraint(to_uint8(images), P("data"))
+
+
+class BatchSampler:
+    """Samples and decodes batch i of the dump as a uint8 array sharded over the mesh's `data` axis."""
+
+    def __init__(self, source: Source, sampler_config: dict, *, batch_size: int, seed: int, mesh):
+        self.source, self.config, self.seed, self.mesh = source, sampler_config, seed, mesh
+        self.shape = (batch_size, *source.latent_shape)
+        self.rows = NamedSharding(mesh, P("data"))
+        self.vae_graphdef = self.vae_state = None
+        if source.vae is not None:
+            self.vae_graphdef, self.vae_state = nnx.split(source.vae)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the decoded samples."""
+        x = jax.ShapeDtypeStruct(self.shape, jnp.float32)
+        with jax.set_mesh(self.mesh):
+            return tuple(jax.eval_shape(_decode, self.vae_graphdef, self.vae_state, x).shape[1:])
+
+    def __call__(self, index: int, labels: np.ndarray) -> jax.Array:
+        """Dispatches batch `index` with its (batch_size,) labels; returns without waiting."""
+        labels = np.asarray(labels, np.int32)
+        labels = jax.make_array_from_callback(labels.shape, self.rows, lambda idx: labels[idx])
+        with jax.set_mesh(self.mesh):
+            noise = _sharded_noise(self.seed, jnp.int32(index), self.shape)
+            x = sampler_lib.sample(self.source.model, noise, labels, self.config,
+                                   key=batch_step_key(self.seed, index))
+            return _decode(self.vae_graphdef, self.vae_state, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Part files, manifest and the final npz
+# ----------------------------------------------------------------------------------------------
+
+def _part_path(output: pathlib.Path, batch: int, process: int, process_count: int) -> pathlib.Path:
+    # The process count is in the name: a restart on another number of hosts recomputes, never mixes.
+    return output / PARTS_DIR / f"{batch:07d}.p{process}of{process_count}.npz"
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    """write(file) into a temporary sibling, then rename: a killed run never leaves a partial file."""
+    tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_part(path: pathlib.Path, index: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.savez(f, index=index, images=images, labels=labels))
+
+
+def _local_rows(images: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices within the batch, uint8 rows) held by this process's devices."""
+    rows, blocks = [], []
+    for shard in sorted(images.addressable_shards, key=lambda s: s.index[0].start or 0):
+        start = shard.index[0].start or 0
+        data = np.asarray(shard.data)
+        rows.append(np.arange(start, start + data.shape[0]))
+        blocks.append(data)
+    return np.concatenate(rows), np.concatenate(blocks)
+
+
+def manifest_for(args: DumpArgs, source: Source, sampler_config: dict, image_shape) -> dict:
+    return dict(version=MANIFEST_VERSION, source=source.description, sampler=sampler_config,
+                num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                balanced=args.balanced, latent_shape=list(source.latent_shape), image_shape=list(image_shape))
+
+
+def _differences(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key, "<unset>"), new.get(key, "<unset>"), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_manifest(output: pathlib.Path, manifest: dict) -> None:
+    """Raises if `output` holds a dump made with other settings; writes the manifest on a fresh one."""
+    path = output / MANIFEST_FILE
+    new = json.loads(json.dumps(manifest))   # the JSON view (tuples -> lists) compares like the file
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = _differences(old, new)
+        if diff:
+            raise ValueError(
+                f"{output} holds a dump made with other settings ({'; '.join(diff)}). Rerun with the settings "
+                f"in {path}, choose another --output, or delete {output} to start over.")
+    multihost_utils.sync_global_devices("sample_dump: manifest checked")
+    if jax.process_index() == 0 and not path.exists():
+        _atomic_write(path, lambda f: f.write((json.dumps(new, indent=2) + "\n").encode()))
+
+
+def _write_npz_streaming(path: pathlib.Path, shape: tuple[int, ...], blocks, labels: np.ndarray) -> None:
+    """An np.savez-compatible file (arr_0 uint8 `shape`, arr_1 labels) from row blocks in order,
+    without holding arr_0 in memory. Fixed zip timestamps: the same samples give the same bytes."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": tuple(shape)}
+                np.lib.format.write_array_header_1_0(member, header)   # what np.save writes
+                rows = 0
+                for block in blocks:
+                    member.write(np.ascontiguousarray(block, np.uint8).tobytes())
+                    rows += block.shape[0]
+                if rows != shape[0]:
+                    raise RuntimeError(f"assembled {rows} samples, expected {shape[0]}")
+            info = zipfile.ZipInfo("arr_1.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w") as member:
+                np.lib.format.write_array(member, np.asarray(labels))
+
+    _atomic_write(path, write)
+
+
+class _Grid:
+    """Collects the grid's samples while the dump streams by: the first 64, or for few classes the
+    first `cols` samples of each class (one row per class)."""
+
+    def __init__(self, num_classes: int, cols: int = 8):
+        self.per_class = num_classes <= GRID_MAX_CLASS_ROWS
+        self.num_classes, self.cols = num_classes, cols
+        self.cells: dict[tuple[int, int], np.ndarray] = {}
+        self.count = np.zeros(num_classes, np.int64)
+        self.seen = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        for image, label in zip(images, labels):
+            if self.per_class:
+                if self.count[label] < self.cols:
+                    self.cells[(int(label), int(self.count[label]))] = image
+                    self.count[label] += 1
+            elif self.seen < GRID_SAMPLES:
+                self.cells[divmod(self.seen, self.cols)] = image
+            self.seen += 1
+
+    def write(self, path: pathlib.Path, image_shape) -> None:
+        h, w, c = image_shape
+        rows = self.num_classes if self.per_class else math.ceil(min(self.seen, GRID_SAMPLES) / self.cols)
+        grid = np.zeros((rows * h, self.cols * w, c), np.uint8)   # black where a class has fewer samples
+        for (r, col), image in self.cells.items():
+            grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+        image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+        _atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def assemble(output: pathlib.Path, *, num_samples: int, batch_size: int, image_shape, labels: np.ndarray,
+             num_classes: int, process_count: int) -> None:
+    """Process 0: parts -> samples.npz (+ grid), checking every sample is present once with its label."""
+    num_batches = math.ceil(num_samples / batch_size)
+    grid = _Grid(num_classes)
+
+    def blocks():
+        for b in range(num_batches):
+            start, stop = b * batch_size, min((b + 1) * batch_size, num_samples)
+            block = np.zeros((stop - start, *image_shape), np.uint8)
+            filled = np.zeros(stop - start, bool)
+            for p in range(process_count):
+                path = _part_path(output, b, p, process_count)
+                with np.load(path) as part:
+                    index, images, part_labels = part["index"], part["images"], part["labels"]
+                if (index.min(initial=start) < start or index.max(initial=start) >= stop
+                        or filled[index - start].any() or not np.array_equal(part_labels, labels[index])):
+                    raise RuntimeError(f"{path} does not hold the samples of batch {b} that these settings draw; "
+                                       f"delete {output / PARTS_DIR} and rerun")
+                block[index - start] = images
+                filled[index - start] = True
+            if not filled.all():
+                raise RuntimeError(f"batch {b} is missing samples {np.flatnonzero(~filled)[:8] + start} in "
+                                   f"{output / PARTS_DIR}; delete it and rerun")
+            grid.add(block, labels[start:stop])
+            yield block
+
+    _write_npz_streaming(output / SAMPLES_FILE, (num_samples, *image_shape), blocks(), labels)
+    grid.write(output / GRID_FILE, image_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dump
+# ----------------------------------------------------------------------------------------------
+
+class _Progress:
+    """tqdm when installed, else a plain log line every 30 s: images/s and ETA either way."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.total, self.done, self.enabled = total, initial, enabled
+        self.start, self.last, self.new = time.time(), 0.0, 0
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, unit="img", smoothing=0.1, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        self.done, self.new = self.done + n, self.new + n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.time()
+        if now - self.last >= 30 or self.done == self.total:
+            rate = self.new / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            logging.info("sampled %d / %d images, %.1f images/s, ETA %s", self.done, self.total, rate,
+                         time.strftime("%H:%M:%S", time.gmtime(eta)))
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *, max_batches: int | None = None
+         ) -> pathlib.Path | None:
+    """Samples every missing batch into parts/, then assembles samples.npz; returns its path.
+
+    max_batches (for tests): stop after sampling this many new batches, as if killed; returns None.
+    """
+    output = pathlib.Path(args.output).absolute()
+    process, process_count = jax.process_index(), jax.process_count()
+    labels = sample_labels(args.num_samples, source.num_classes, args.seed, args.balanced)
+    batcher = BatchSampler(source, sampler_config, batch_size=args.batch_size, seed=args.seed, mesh=mesh)
+    image_shape = batcher.image_shape()
+    if process == 0:
+        (output / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    multihost_utils.sync_global_devices("sample_dump: output created")
+    check_manifest(output, manifest_for(args, source, sampler_config, image_shape))
+    final = output / SAMPLES_FILE
+    if final.exists():
+        logging.info("%s is complete; nothing to do", final)
+        return final
+
+    num_batches = math.ceil(args.num_samples / args.batch_size)
+    mine = np.array([_part_path(output, b, process, process_count).exists() for b in range(num_batches)])
+    # A batch is done only when every process wrote its part (all processes run every batch together).
+    done = mine if process_count == 1 else multihost_utils.process_allgather(mine).all(axis=0)
+    todo = [b for b in range(num_batches) if not done[b]]
+    if max_batches is not None:
+        todo = todo[:max_batches]
+    finished = sum(min(args.batch_size, args.num_samples - b * args.batch_size) for b in range(num_batches)
+                   if done[b])
+    logging.info("%d of %d batches of %d already in %s; sampling %d", num_batches - len(todo), num_batches,
+                 args.batch_size, output / PARTS_DIR, len(todo))
+
+    def batch_labels(b):
+        chunk = labels[b * args.batch_size:(b + 1) * args.batch_size]
+        # The last batch is padded (label 0) to keep one compiled shape; its extra rows are dropped.
+        return np.pad(chunk, (0, args.batch_size - len(chunk)))
+
+    progress = _Progress(args.num_samples, finished, enabled=process == 0)
+    # One batch in flight while the previous one is written: the device never waits for the disk.
+    pending = None
+    for b in todo + [None]:
+        current = None if b is None else (b, batcher(b, batch_labels(b)))
+        if pending is not None:
+            pb, images = pending
+            rows, data = _local_rows(images)
+            index = pb * args.batch_size + rows
+            keep = index < args.num_samples
+            _write_part(_part_path(output, pb, process, process_count), index[keep], data[keep],
+                        labels[index[keep]])
+            progress.update(min(args.batch_size, args.num_samples - pb * args.batch_size))
+        pending = current
+    progress.close()
+    if max_batches is not None and len(todo) < num_batches - int(done.sum()):
+        return None
+
+    multihost_utils.sync_global_devices("sample_dump: parts written")
+    if process == 0:
+        assemble(output, num_samples=args.num_samples, batch_size=args.batch_size, image_shape=image_shape,
+                 labels=labels, num_classes=source.num_classes, process_count=process_count)
+        if not args.keep_parts:
+            for path in (output / PARTS_DIR).iterdir():
+                path.unlink()
+            (output / PARTS_DIR).rmdir()
+        logging.info("wrote %s (%d samples, %s) and %s", final, args.num_samples, image_shape, output / GRID_FILE)
+    multihost_utils.sync_global_devices("sample_dump: assembled")
+    return final
+
+
+def calibrate(args: DumpArgs, source: Source, sampler_config: dict) -> list[int]:
+    """Solves a DP recompute schedule on a small batch and writes it to args.schedule."""
+    if not source.model.is_decoupled:
+        raise ValueError("--calibrate needs a DDT: the DiT baseline has no encoder state to reuse")
+    n = sampler_config["num_steps"]
+    if args.num_recompute > n:
+        raise ValueError(f"--num_recompute={args.num_recompute} exceeds num_steps={n}")
+    config = {**sampler_config, "recompute_steps": None}   # the statistics need every step's state
+    # Noise, step noise and labels of their own: the calibration batch is none of the dump's batches.
+    root = jax.random.fold_in(jax.random.key(args.seed), CALIBRATE_STREAM)
+    noise = jax.random.normal(jax.random.fold_in(root, 0), (args.calibrate_samples, *source.latent_shape))
+    labels = np.random.default_rng([args.seed, CALIBRATE_STREAM]).integers(0, source.num_classes,
+                                                                           args.calibrate_samples)
+    states = sampler_lib.calibrate(source.model, noise, jnp.asarray(labels, jnp.int32), config,
+                                   key=jax.random.fold_in(root, 1))
+    steps = sampler_lib.solve_recompute_steps(np.asarray(jax.device_get(states)), args.num_recompute)
+    if jax.process_index() == 0:
+        sampler_lib.save_schedule(args.schedule, steps)   # validates, then we add what it was solved for
+        record = {"recompute_steps": steps, "num_steps": n, "num_recompute": args.num_recompute,
+                  "calibrate_samples": args.calibrate_samples, "seed": args.seed, "source": source.description,
+                  "sampler": config}
+        _atomic_write(pathlib.Path(args.schedule), lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+        logging.info("wrote %s: %d recomputes over %d steps: %s", args.schedule, len(steps), n, steps)
+    return steps
+
+
+# Environment variables that mean "one of several processes" on the clusters JAX auto-detects
+# (the same test as train.py's).
+_CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+
+
+def multiprocess_environment() -> bool:
+    """True where jax.distributed.initialize() can find its peers by itself."""
+    value = {name: os.environ.get(name, "") for name in _CLUSTER_HINTS}
+    return ("," in value["TPU_WORKER_HOSTNAMES"]
+            or any(value[n].isdigit() and int(value[n]) > 1 for n in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+            or bool(value["JAX_COORDINATOR_ADDRESS"]))
+
+
+def run(args: DumpArgs, sampler_config, *, devices=None, max_batches: int | None = None):
+    """What sample.py runs: checks, loads, then dumps (returns the npz path) or calibrates (the steps)."""
+    mesh = make_mesh(devices)
+    check_args(args, mesh.size)
+    config = resolve_sampler_config(sampler_config, "" if args.calibrate else args.schedule)
+    source = load_source(args, mesh, decode=not args.calibrate)
+    if args.calibrate:
+        return calibrate(args, source, config)
+    return dump(args, source, config, mesh, max_batches=max_batches)
