@@ -107,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1                # -1 = all remaining devices
     c.mesh.tensor = 1
-    # Logical axis (docs/CONTRACTS.md) -> mesh axes. Weights' `embed` dim is split over fsdp, the
+    # Logical axis (ddt_jax/models/layers.py) -> mesh axes. Weights' `embed` dim is split over fsdp, the
     # wide dims over tensor; a dim that does not divide evenly stays replicated.
     c.mesh.rules = (
         ("batch", ("data", "fsdp")),

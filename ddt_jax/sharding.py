@@ -1,7 +1,7 @@
 """Device mesh, logical-axis rules and batch placement (MaxText vocabulary: data, fsdp, tensor).
 
 Every parameter names its axes logically (`embed`, `mlp`, `qkv`, `heads`, ...; see
-docs/CONTRACTS.md). A config's `mesh.rules` map those names to mesh axes, so the same model runs
+ddt_jax/models/layers.py). A config's `mesh.rules` map those names to mesh axes, so the same model runs
 data-parallel on one host, FSDP on a pod, or with tensor parallelism, by changing the config only:
 
     mesh = sharding.create_mesh(config.mesh)                  # ('data', 'fsdp', 'tensor'), Auto axes

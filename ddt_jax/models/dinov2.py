@@ -21,7 +21,7 @@ non-square image it reads the h*w grid as an M x M square (M = sqrt(h*w)) and re
 ValueError where the official code asserts. `nonsquare="direct"` uses the (h, w) grid as the DDT
 code clearly intended. Square images (all DDT configs) are identical under both settings.
 
-Sharding: every param carries logical axis names from the DDT vocabulary (docs/CONTRACTS.md:
+Sharding: every param carries logical axis names from the DDT vocabulary (ddt_jax/models/layers.py:
 `embed`, `qkv`, `heads`, `mlp`, `norm`), recorded without eager sharding, so the model builds
 with no mesh and the trainer places it with the same rules as DDT (or replicates it: ViT-B is
 346 MB in float32).

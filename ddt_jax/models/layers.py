@@ -6,7 +6,7 @@ Every parameter carries logical axis names (see `sharding.py` for the rules that
   qkv      fused q/k/v outputs (3h)               heads    attention features entering `proj`
   patch    C*p*p patch features                   freq     the 256 sinusoid timestep channels
   classes  label-table rows                       norm     norm scales (always replicated)
-  feature  REPA target width (768 for DINOv2-B)
+  feature  REPA target width (768 for DINOv2-B)    batch    the batch dim of activations and inputs
 
 Variables are created without eager sharding: shardings are applied by the caller from the logical
 names (jit out_shardings / device_put), so a model can also be built with no mesh at all.
