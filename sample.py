@@ -57,6 +57,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from ddt_jax import console
+
+    console.quiet_library_logs()
     import dataclasses
     import jax
 

@@ -42,6 +42,9 @@ def _multiprocess_environment() -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from ddt_jax import console
+
+    console.quiet_library_logs()
     import jax
 
     if FLAGS.coordinator_address:

@@ -1,0 +1,21 @@
+"""Console hygiene for the entry points: keep the run's own progress readable.
+
+orbax logs ~15 INFO lines per checkpoint save and restore, and jax/grain a few more per start; on a
+console they bury the progress lines (steps/s, ETA, losses). Their warnings and errors still show,
+and everything still goes to the log files absl writes when --log_dir is set.
+"""
+import logging
+
+from absl import logging as absl_logging
+
+_LIBRARIES = ("/orbax/", "/grain/", "/jax/_src/", "/etils/")
+
+
+class _QuietLibraryInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(part in record.pathname for part in _LIBRARIES)
+
+
+def quiet_library_logs() -> None:
+    """Drops INFO records of the libraries above from absl's console handler."""
+    absl_logging.get_absl_handler().addFilter(_QuietLibraryInfo())
