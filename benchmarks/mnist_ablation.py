@@ -14,10 +14,14 @@ Prints a table and writes <workdir>/ablation.json.
 import json
 import os
 import pathlib
+import sys
 import time
 
 from absl import app
 from absl import flags
+
+# configs/ is a directory of the repository, not an installed package: import it from the root.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 flags.DEFINE_string("workdir", "runs/ablation", "Where runs, samples and ablation.json go.")
 flags.DEFINE_integer("steps", 600, "Training steps per run.")
