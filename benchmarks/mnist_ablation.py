@@ -1,6 +1,8 @@
 """The paper's claim in miniature: DDT's encoder/decoder split vs the plain DiT baseline on MNIST.
 
-    .venv/bin/python benchmarks/mnist_ablation.py --workdir=runs/ablation            # ~35 min on 2 cores
+    .venv/bin/python benchmarks/mnist_ablation.py --workdir=runs/ablation            # ~50 min on 2 cores
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 .venv/bin/python benchmarks/mnist_ablation.py \
+        --workdir=runs/ablation --steps=800 --archs=dit,en2,en4      # the BENCHMARKS.md table, ~35 min
     .venv/bin/python benchmarks/mnist_ablation.py --workdir=runs/ablation --steps=300 --seeds=0 --archs=dit,en4
 
 Every model has the demo's size (configs/mnist.py: hidden 96, 6 blocks, 4 heads, patch 4; the DiT
@@ -80,7 +82,9 @@ def main(argv):
     results = [run_one(arch, seed, root, data_dir) for arch in archs for seed in seeds]
     (root / "ablation.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\n{FLAGS.steps} steps, batch 64, {FLAGS.num_samples} balanced samples, CFG 3.0, 50 Euler steps")
+    from configs import mnist
+    print(f"\n{FLAGS.steps} steps, batch {mnist.get_config().global_batch_size}, {FLAGS.num_samples} balanced "
+          "samples, CFG 3.0, 50 Euler steps")
     print(f"{'model':26s} {'label accuracy':>22s} {'Frechet distance':>22s}")
     for arch in archs:
         rows = [r for r in results if r["arch"] == arch]
