@@ -63,11 +63,9 @@ def main(argv):
     import dataclasses
     import jax
 
-    if FLAGS.coordinator_address:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    elif sample_dump.multiprocess_environment():
-        jax.distributed.initialize()
+    from ddt_jax import sharding
+
+    sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     args = sample_dump.DumpArgs(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(sample_dump.DumpArgs)})
     sample_dump.run(args, FLAGS.config)
 

@@ -6,7 +6,6 @@ field can be overridden (`--config.optim.lr=2e-4`); configs/xl_256.py documents 
 Multi-host: on TPU pods and SLURM/Open MPI clusters JAX finds its peers itself; elsewhere pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
 """
-import os
 
 from absl import app
 from absl import flags
@@ -23,22 +22,6 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-# Environment variables that mean "one of several processes" on the clusters JAX auto-detects.
-_CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
-
-
-def _multiprocess_environment() -> bool:
-    for name in _CLUSTER_HINTS:
-        value = os.environ.get(name, "")
-        if name == "TPU_WORKER_HOSTNAMES" and "," in value:
-            return True
-        if name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE") and value.isdigit() and int(value) > 1:
-            return True
-        if name == "JAX_COORDINATOR_ADDRESS" and value:
-            return True
-    return False
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -47,11 +30,9 @@ def main(argv):
     console.quiet_library_logs()
     import jax
 
-    if FLAGS.coordinator_address:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    elif _multiprocess_environment():
-        jax.distributed.initialize()
+    from ddt_jax import sharding
+
+    sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("JAX process %d of %d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
 

@@ -647,19 +647,6 @@ def calibrate(args: DumpArgs, source: Source, sampler_config: dict) -> list[int]
     return steps
 
 
-# Environment variables that mean "one of several processes" on the clusters JAX auto-detects
-# (the same test as train.py's).
-_CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
-
-
-def multiprocess_environment() -> bool:
-    """True where jax.distributed.initialize() can find its peers by itself."""
-    value = {name: os.environ.get(name, "") for name in _CLUSTER_HINTS}
-    return ("," in value["TPU_WORKER_HOSTNAMES"]
-            or any(value[n].isdigit() and int(value[n]) > 1 for n in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-            or bool(value["JAX_COORDINATOR_ADDRESS"]))
-
-
 def run(args: DumpArgs, sampler_config, *, devices=None, max_batches: int | None = None):
     """What sample.py runs: checks, loads, then dumps (returns the npz path) or calibrates (the steps)."""
     mesh = make_mesh(devices)

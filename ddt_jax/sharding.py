@@ -16,6 +16,7 @@ Tests: .venv/bin/python -m pytest tests/test_sharding.py -q
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -176,3 +177,26 @@ def bytes_per_device(tree) -> int:
         shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
         total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+# Environment variables that mean "one of several processes" on the clusters JAX auto-detects.
+_CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+
+
+def multiprocess_environment() -> bool:
+    """True where jax.distributed.initialize() can find its peers by itself (TPU pods, SLURM, Open MPI)."""
+    value = {name: os.environ.get(name, "") for name in _CLUSTER_HINTS}
+    return ("," in value["TPU_WORKER_HOSTNAMES"]
+            or any(value[n].isdigit() and int(value[n]) > 1 for n in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+            or bool(value["JAX_COORDINATOR_ADDRESS"]))
+
+
+def initialize_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None) -> None:
+    """jax.distributed.initialize for the entry points: explicit peers, an auto-detected cluster, or
+    nothing (one process). Must run before anything touches a JAX backend."""
+    if coordinator_address:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    elif multiprocess_environment():
+        jax.distributed.initialize()
