@@ -291,8 +291,12 @@ def save_converted(model, output_dir: str | os.PathLike, config: ml_collections.
     return out
 
 
-def load_converted(directory: str | os.PathLike, *, dtype: str | None = None):
-    """Rebuilds the model saved by `save_converted` (`python -m ddt_jax.convert ddt ...`)."""
+def load_converted(directory: str | os.PathLike, *, dtype: str | None = None, sharding=None):
+    """Rebuilds the model saved by `save_converted` (`python -m ddt_jax.convert ddt ...`).
+
+    `sharding` (e.g. a replicated NamedSharding over a mesh) places every param as it is read; without
+    it orbax falls back to the saving topology, which fails when several processes load.
+    """
     import orbax.checkpoint as ocp
     from ddt_jax.models import ddt
 
@@ -307,6 +311,9 @@ def load_converted(directory: str | os.PathLike, *, dtype: str | None = None):
         config.dtype = dtype
     abstract = nnx.eval_shape(lambda: ddt.build_model(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
+    if sharding is not None:
+        abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                      abstract_state)
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(directory / "params", abstract_state)
     return nnx.merge(graphdef, state)

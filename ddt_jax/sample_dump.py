@@ -275,12 +275,8 @@ def _abstract_params(model_config, mesh):
 
 
 def _restore_converted_model(path: pathlib.Path, model_config, mesh) -> nnx.Module:
-    """convert.load_converted, but restored straight into replicated arrays on the mesh: without
-    target shardings orbax falls back to the saving topology, which fails on several processes."""
-    graphdef, params, rest = _abstract_params(model_config, mesh)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / "params", params)
-    return nnx.merge(graphdef, params, rest)
+    """The converted model, restored straight into replicated arrays on the mesh (works multi-process)."""
+    return convert.load_converted(path, dtype=model_config.dtype, sharding=NamedSharding(mesh, P()))
 
 
 def _restore_run_model(workdir: pathlib.Path, step: int, model_config, raw: bool, mesh) -> nnx.Module:
