@@ -1,54 +1,56 @@
 """Dumps samples for FID: `python sample.py --workdir=/ckpt/ddt_xl_256 --output=/samples/xl_256`.
 
-    python sample.py --workdir=RUN --output=DIR [--raw] [--step=N]        # a run's EMA (or raw) params
-    python sample.py --checkpoint=CONVERTED --vae=SD_VAE --output=DIR     # python -m ddt_jax.convert ddt ...
-    ... --num_samples=50000 --batch_size=256 --seed=0 [--balanced]
-    ... --config.num_steps=50 --config.guidance=3.0 --config.state_refresh_rate=2   # sampler settings
-    ... --calibrate --num_recompute=25 --schedule=schedule.json           # solve a DP recompute schedule
-    ... --schedule=schedule.json                                          # sample with it
-
-DIR/samples.npz (arr_0 uint8 NHWC, arr_1 labels, random class order) is what the ADM evaluator
-reads; DIR/samples.png is a grid. Restarting the same command resumes: finished batches are kept in
-DIR/parts/. `--config` is the sampler config (ddt_jax/sampler.py, default_sampler_config: the official
-DDT-XL/2 256px settings, 250 Euler steps, CFG 2.0 on 0.3 < t < 1); the 512px model uses
---config.guidance=3.0 and --image_size=64. ddt_jax/sample_dump.py documents the rest.
-
-Multi-host: on TPU pods and SLURM/Open MPI clusters JAX finds its peers itself; elsewhere pass
---coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
+The weights come from a training run (--workdir: its EMA or raw params at any step) or a converted
+model directory (--checkpoint); `--config` is the sampler config (sampler.default_sampler_config:
+the official DDT-XL/2 256px settings). Restarting the same command resumes the dump. The README's
+"Sampling" section lists every option.
 """
+import dataclasses
 import os
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from ddt_jax import sampler
+from ddt_jax import console
 from ddt_jax import sample_dump
+from ddt_jax import sampler as sampler_lib
+from ddt_jax import sharding
 
 _D = sample_dump.DumpArgs()
-config_flags.DEFINE_config_dict("config", sampler.default_sampler_config(),
-                                "Sampler settings, e.g. --config.num_steps=50 --config.guidance=3.0.")
-flags.DEFINE_string("output", _D.output, "Directory for samples.npz, samples.png and the resumable parts.")
+config_flags.DEFINE_config_dict("config", sampler_lib.default_sampler_config(),
+                                "Sampler settings, e.g. --config.num_steps=50 "
+                                "--config.guidance=3.0.")
+flags.DEFINE_string("output", _D.output, "Directory for samples.npz, samples.png and the "
+                    "resumable parts.")
 flags.DEFINE_string("workdir", _D.workdir, "A training run: its config.json and checkpoints/.")
-flags.DEFINE_string("checkpoint", _D.checkpoint, "A converted model directory (python -m ddt_jax.convert ddt).")
-flags.DEFINE_string("vae", _D.vae, "SD-VAE diffusers folder or weight file; default: the run's vae.path; "
-                    "'none' for a converted pixel-space model.")
+flags.DEFINE_string("checkpoint", _D.checkpoint, "A converted model directory "
+                    "(python -m ddt_jax.convert ddt).")
+flags.DEFINE_string("vae", _D.vae, "SD-VAE diffusers folder or weight file; default: the run's "
+                    "vae.path; 'none' for a converted pixel-space model.")
 flags.DEFINE_bool("raw", _D.raw, "Sample the run's raw params instead of the EMA.")
-flags.DEFINE_integer("step", _D.step, "Checkpoint step of the run; -1 = the latest.")
-flags.DEFINE_string("dtype", _D.dtype, "Model compute dtype (float32 / bfloat16); default: the model config's.")
+flags.DEFINE_integer("step", _D.step, "Checkpoint step of the run; default: the latest.")
+flags.DEFINE_string("dtype", _D.dtype, "Model compute dtype (float32 / bfloat16); default: the "
+                    "model config's.")
 flags.DEFINE_integer("image_size", _D.image_size, "Model-input (latent) side, e.g. 64 for 512px; "
-                     "-1 = the model config's.")
+                     "default: the model config's.")
 flags.DEFINE_integer("num_samples", _D.num_samples, "Samples in the dump.")
-flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size; a multiple of the device count.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size; a multiple of the device "
+                     "count.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of the labels and of every batch's noise.")
-flags.DEFINE_bool("balanced", _D.balanced, "Exactly num_samples / num_classes samples per class (shuffled).")
-flags.DEFINE_string("schedule", _D.schedule, "Recompute-schedule json: read when sampling, written by --calibrate.")
-flags.DEFINE_bool("calibrate", _D.calibrate, "Solve a DP recompute schedule on a small batch; write --schedule.")
-flags.DEFINE_integer("num_recompute", _D.num_recompute, "--calibrate: encoder recomputes in the schedule.")
-flags.DEFINE_integer("calibrate_samples", _D.calibrate_samples, "--calibrate: samples of the statistics.")
+flags.DEFINE_bool("balanced", _D.balanced, "Exactly num_samples / num_classes samples per class "
+                  "(shuffled).")
+flags.DEFINE_string("schedule", _D.schedule, "Recompute-schedule json: read when sampling, "
+                    "written by --calibrate.")
+flags.DEFINE_bool("calibrate", _D.calibrate, "Solve a DP recompute schedule on a small batch; "
+                  "write --schedule.")
+flags.DEFINE_integer("num_recompute", _D.num_recompute, "--calibrate: encoder recomputes in the "
+                     "schedule.")
+flags.DEFINE_integer("calibrate_samples", _D.calibrate_samples, "--calibrate: samples of the "
+                     "statistics.")
 flags.DEFINE_bool("keep_parts", _D.keep_parts, "Keep DIR/parts/ after samples.npz is written.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs outside "
-                    "clusters JAX detects itself.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs "
+                    "outside clusters JAX detects itself.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 FLAGS = flags.FLAGS
@@ -57,16 +59,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ddt_jax import console
-
     console.quiet_library_logs()
-    import dataclasses
-    import jax
-
-    from ddt_jax import sharding
-
-    sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    args = sample_dump.DumpArgs(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(sample_dump.DumpArgs)})
+    # Before anything touches a JAX backend: jax.distributed.initialize must come first.
+    sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+    args = sample_dump.DumpArgs(**{f.name: FLAGS[f.name].value
+                                   for f in dataclasses.fields(sample_dump.DumpArgs)})
     sample_dump.run(args, FLAGS.config)
 
 

@@ -1,10 +1,5 @@
 """The paper's claim in miniature: DDT's encoder/decoder split vs the plain DiT baseline on MNIST.
 
-    .venv/bin/python benchmarks/mnist_ablation.py --workdir=runs/ablation            # ~50 min on 2 cores
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 .venv/bin/python benchmarks/mnist_ablation.py \
-        --workdir=runs/ablation --steps=800 --archs=dit,en2,en4      # the BENCHMARKS.md table, ~35 min
-    .venv/bin/python benchmarks/mnist_ablation.py --workdir=runs/ablation --steps=300 --seeds=0 --archs=dit,en4
-
 Every model has the demo's size (configs/mnist.py: hidden 96, 6 blocks, 4 heads, patch 4; the DiT
 baseline lacks only DDT's 1,632-parameter s_embedder) and trains the same number of steps on the
 same data order; only the architecture and the seed change. Each run then draws 1,000 balanced
@@ -25,32 +20,35 @@ from absl import flags
 # configs/ is a directory of the repository, not an installed package: import it from the root.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from configs import mnist as mnist_config  # noqa: E402
+from ddt_jax import sample_dump  # noqa: E402
+from ddt_jax import trainer  # noqa: E402
+from ddt_jax.evaluation import mnist_eval  # noqa: E402
+from input_pipeline import mnist  # noqa: E402
+
 flags.DEFINE_string("workdir", "runs/ablation", "Where runs, samples and ablation.json go.")
 flags.DEFINE_integer("steps", 600, "Training steps per run.")
 flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
-flags.DEFINE_string("archs", "dit,en2,en4,en5", "configs/mnist.py arguments: 'dit' or 'enN' (N encoder blocks of 6).")
+flags.DEFINE_string("archs", "dit,en2,en4,en5",
+                    "configs/mnist.py arguments: 'dit' or 'enN' (N encoder blocks of 6).")
 flags.DEFINE_integer("num_samples", 1000, "Balanced samples per run.")
 FLAGS = flags.FLAGS
 
-NAMES = {"dit": "DiT baseline (6 blocks)", "en2": "DDT 2en4de", "en3": "DDT 3en3de", "en4": "DDT 4en2de",
-         "en5": "DDT 5en1de", "en1": "DDT 1en5de"}
+NAMES = {"dit": "DiT baseline (6 blocks)", "en2": "DDT 2en4de", "en3": "DDT 3en3de",
+         "en4": "DDT 4en2de", "en5": "DDT 5en1de", "en1": "DDT 1en5de"}
 
 
 def run_one(arch: str, seed: int, root: pathlib.Path, data_dir: pathlib.Path) -> dict:
-    from configs import mnist
-    from ddt_jax import sample_dump
-    from ddt_jax import trainer
-    from ddt_jax.evaluation import mnist_eval
-
     run_dir = root / f"{arch}_seed{seed}"
     result_path = run_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    config = mnist.get_config(arch)
+    config = mnist_config.get_config(arch)
     config.seed = seed
     config.num_train_steps = FLAGS.steps
     config.data.path = str(data_dir)
-    config.data.shuffle_seed = 0      # the same data order for every run: only the model and seed change
+    # The same data order for every run: only the model and seed change.
+    config.data.shuffle_seed = 0
     config.logging.sample_every = 0
     config.checkpoint.every_steps = FLAGS.steps
     start = time.time()
@@ -59,11 +57,13 @@ def run_one(arch: str, seed: int, root: pathlib.Path, data_dir: pathlib.Path) ->
 
     sampler_config = sample_dump.resolve_sampler_config(config.logging.sample)
     args = sample_dump.DumpArgs(output=str(run_dir / "samples"), workdir=str(run_dir),
-                                num_samples=FLAGS.num_samples, batch_size=100, seed=1234, balanced=True)
+                                num_samples=FLAGS.num_samples, batch_size=100, seed=1234,
+                                balanced=True)
     sample_dump.run(args, sampler_config)
     metrics = mnist_eval.evaluate_samples(str(run_dir / "samples" / "samples.npz"))
-    result = dict(arch=arch, name=NAMES.get(arch, arch), seed=seed, steps=FLAGS.steps, train_seconds=train_s,
-                  label_accuracy=metrics["label_accuracy"], frechet_distance=metrics["frechet_distance"],
+    result = dict(arch=arch, name=NAMES.get(arch, arch), seed=seed, steps=FLAGS.steps,
+                  train_seconds=train_s, label_accuracy=metrics["label_accuracy"],
+                  frechet_distance=metrics["frechet_distance"],
                   real_frechet_floor=metrics["real_frechet_floor"],
                   real_frechet_floor_std=metrics["real_frechet_floor_std"])
     result_path.write_text(json.dumps(result, indent=2))
@@ -72,19 +72,16 @@ def run_one(arch: str, seed: int, root: pathlib.Path, data_dir: pathlib.Path) ->
 
 def main(argv):
     del argv
-    from input_pipeline import mnist as mnist_shards
-
     root = pathlib.Path(FLAGS.workdir).absolute()
     data_dir = root / "data"
-    mnist_shards.write_mnist_shards(data_dir, split="train")
+    mnist.write_mnist_shards(data_dir, split="train")
     seeds = [int(s) for s in FLAGS.seeds.split(",")]
     archs = FLAGS.archs.split(",")
     results = [run_one(arch, seed, root, data_dir) for arch in archs for seed in seeds]
     (root / "ablation.json").write_text(json.dumps(results, indent=2))
 
-    from configs import mnist
-    print(f"\n{FLAGS.steps} steps, batch {mnist.get_config().global_batch_size}, {FLAGS.num_samples} balanced "
-          "samples, CFG 3.0, 50 Euler steps")
+    print(f"\n{FLAGS.steps} steps, batch {mnist_config.get_config().global_batch_size}, "
+          f"{FLAGS.num_samples} balanced samples, CFG 3.0, 50 Euler steps")
     print(f"{'model':26s} {'label accuracy':>22s} {'Frechet distance':>22s}")
     for arch in archs:
         rows = [r for r in results if r["arch"] == arch]
@@ -93,8 +90,8 @@ def main(argv):
         spread = lambda v: f"{sum(v) / len(v):.4f} ({' / '.join(f'{x:.4f}' for x in v)})"
         print(f"{NAMES.get(arch, arch):26s} {spread(acc):>22s} {spread(fd):>22s}")
     r = results[0]
-    print(f"real train digits vs the held-out digits (the floor): Frechet {r['real_frechet_floor']:.3f} "
-          f"+- {r['real_frechet_floor_std']:.3f}")
+    print("real train digits vs the held-out digits (the floor): "
+          f"Frechet {r['real_frechet_floor']:.3f} +- {r['real_frechet_floor_std']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,13 @@
 """Speed-up from reusing DDT's encoder state: images/s at state_refresh_rate K vs K = 1, next to
 the FLOP model's prediction.
 
-    .venv/bin/python benchmarks/sampler_reuse.py                       # S/2, 16x16 latents, CPU
-    .venv/bin/python benchmarks/sampler_reuse.py --variant B/2 --image_size 32 --batch 8 --num_steps 16
-
 All K are timed in the same process on the same random model, round-robin (warm-up calls
 excluded, median of --repeats calls per K). On a shared machine the ratios move by tens of percent
 from run to run: raise --repeats or use a quiet machine. The prediction counts matmul FLOPs per
 image from the block and token counts:
 
-    encoder block   6Nh^2 (qkv) + 2Nh^2 (proj) + 6Nhm (SwiGLU) + 4N^2h (attention) + 12h^2 (adaLN on c)
+    encoder block   6Nh^2 (qkv) + 2Nh^2 (proj) + 6Nhm (SwiGLU) + 4N^2h (attention)
+                    + 12h^2 (adaLN on c)
     decoder block   the same, but adaLN reads the per-token state s: 12Nh^2 instead of 12h^2
     embedders       2NPh each (s_embedder only when the encoder runs), final layer 4Nh^2 + 2NPh,
                     timestep MLP 2*256h + 2h^2 (also on decoder-only steps)
@@ -29,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ddt_jax import sampler
+from ddt_jax import sampler as sampler_lib
 from ddt_jax.models import ddt
 
 
@@ -43,26 +41,29 @@ def step_flops(model, mlp_ratio: float, height: int, width: int) -> tuple[float,
     encoder_blocks = model.num_encoder_blocks
     decoder_blocks = model.num_blocks - encoder_blocks
     encoder = 2 * n * patch * h + encoder_blocks * (core + 12 * h * h)
-    decoder = (2 * n * patch * h + decoder_blocks * (core + 12 * n * h * h) + 4 * n * h * h + 2 * n * h * patch
-               + 2 * 256 * h + 2 * h * h)
+    decoder = (2 * n * patch * h + decoder_blocks * (core + 12 * n * h * h) + 4 * n * h * h
+               + 2 * n * h * patch + 2 * 256 * h + 2 * h * h)
     return float(encoder), float(decoder)
 
 
 def predicted_cost(model, config, encoder: float, decoder: float) -> float:
     """FLOPs of one sampling run per image, from the sampler's per-step plan."""
-    program, tables = sampler._make_plan(model, sampler.read_config(config), skip_unused=True)
+    program, tables = sampler_lib._make_plan(model, sampler_lib.read_config(config),
+                                             skip_unused=True)
     total = 0.0
     for branch in tables["branch"]:
         mode = program.modes[branch]
-        batch = 2 if mode in (sampler.FULL_CFG, sampler.DEC_CFG) else 1
-        total += batch * (decoder + (encoder if mode in (sampler.FULL_CFG, sampler.FULL_COND) else 0.0))
+        batch = 2 if mode in (sampler_lib.FULL_CFG, sampler_lib.DEC_CFG) else 1
+        encoder_runs = mode in (sampler_lib.FULL_CFG, sampler_lib.FULL_COND)
+        total += batch * (decoder + (encoder if encoder_runs else 0.0))
     return total
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="S/2")
-    parser.add_argument("--num_encoder_blocks", type=int, default=-1, help="-1: the paper's split for the size")
+    parser.add_argument("--num_encoder_blocks", type=int, default=None,
+                        help="unset: the paper's split for the size")
     parser.add_argument("--image_size", type=int, default=16, help="latent side")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--num_steps", type=int, default=8)
@@ -72,31 +73,37 @@ def main():
     args = parser.parse_args()
 
     model_config = ddt.default_model_config()
-    model_config.update(variant=args.variant, num_encoder_blocks=args.num_encoder_blocks, image_size=args.image_size)
+    model_config.update(variant=args.variant, num_encoder_blocks=args.num_encoder_blocks,
+                        image_size=args.image_size)
     model = ddt.build_model(model_config, rngs=nnx.Rngs(0))
-    noise = jax.random.normal(jax.random.key(0), (args.batch, args.image_size, args.image_size, model.in_channels))
+    noise = jax.random.normal(jax.random.key(0),
+                              (args.batch, args.image_size, args.image_size, model.in_channels))
     labels = jnp.arange(args.batch, dtype=jnp.int32) % model.num_classes
     encoder, decoder = step_flops(model, model_config.mlp_ratio, args.image_size, args.image_size)
-    print(f"{args.variant} ({model.num_encoder_blocks} encoder + {model.num_blocks - model.num_encoder_blocks} "
-          f"decoder blocks), {model.num_tokens(args.image_size, args.image_size)} tokens, batch {args.batch}, "
+    print(f"{args.variant} ({model.num_encoder_blocks} encoder + "
+          f"{model.num_blocks - model.num_encoder_blocks} decoder blocks), "
+          f"{model.num_tokens(args.image_size, args.image_size)} tokens, batch {args.batch}, "
           f"{args.num_steps} steps, CFG {args.guidance} in (0.3, 1), {jax.devices()[0].platform}")
-    print(f"per image and forward: encoder {encoder / 1e9:.3f} GFLOP, decoder {decoder / 1e9:.3f} GFLOP")
+    print(f"per image and forward: encoder {encoder / 1e9:.3f} GFLOP, "
+          f"decoder {decoder / 1e9:.3f} GFLOP")
 
     rates = [int(r) for r in args.rates.split(",")]
     configs = {}
     for rate in rates:
-        config = sampler.default_sampler_config()
-        config.update(num_steps=args.num_steps, guidance=args.guidance, last_step=None, state_refresh_rate=rate)
-        sampler.sample(model, noise, labels, config).block_until_ready()  # compile + warm-up
+        config = sampler_lib.default_sampler_config()
+        config.update(num_steps=args.num_steps, guidance=args.guidance, last_step=None,
+                      state_refresh_rate=rate)
+        sampler_lib.sample(model, noise, labels, config).block_until_ready()  # compile + warm-up
         configs[rate] = config
     # Round-robin over K, so a change in machine load hits every K alike.
     times = {rate: [] for rate in rates}
     for _ in range(args.repeats):
         for rate in rates:
             start = time.perf_counter()
-            sampler.sample(model, noise, labels, configs[rate]).block_until_ready()
+            sampler_lib.sample(model, noise, labels, configs[rate]).block_until_ready()
             times[rate].append(time.perf_counter() - start)
-    rows = [(rate, args.batch / statistics.median(times[rate]), predicted_cost(model, configs[rate], encoder, decoder))
+    rows = [(rate, args.batch / statistics.median(times[rate]),
+             predicted_cost(model, configs[rate], encoder, decoder))
             for rate in rates]
 
     base_speed, base_cost = rows[0][1], rows[0][2]

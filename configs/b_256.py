@@ -1,7 +1,8 @@
 """DDT-B/2 (8 encoder + 4 decoder blocks) on ImageNet 256x256 latents.
 
     python train.py --config=configs/b_256.py --workdir=/ckpt/ddt_b_256 \
-        --config.data.path=/data/imagenet256_latents --config.repa.dinov2_path=/weights/dinov2_vitb14_pretrain.pth
+        --config.data.path=/data/imagenet256_latents \
+        --config.repa.dinov2_path=/weights/dinov2_vitb14_pretrain.pth
 
 The paper's B split (8en4de); the rest is the XL recipe (configs/xl_256.py).
 """

@@ -1,7 +1,8 @@
 """DDT-L/2 (20 encoder + 4 decoder blocks) on ImageNet 256x256 latents.
 
     python train.py --config=configs/l_256.py --workdir=/ckpt/ddt_l_256 \
-        --config.data.path=/data/imagenet256_latents --config.repa.dinov2_path=/weights/dinov2_vitb14_pretrain.pth
+        --config.data.path=/data/imagenet256_latents \
+        --config.repa.dinov2_path=/weights/dinov2_vitb14_pretrain.pth
 
 The paper's L split (20en4de); the rest is the XL recipe (configs/xl_256.py), as in the paper's
 model-size study.

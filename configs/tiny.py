@@ -3,14 +3,14 @@
     python train.py --config=configs/tiny.py --workdir=/tmp/ddt_tiny            # latents + REPA
     python train.py --config=configs/tiny.py:pixel --workdir=/tmp/ddt_tiny_px   # 32x32 RGB pixels
 
-Same code path as the XL recipe (configs/xl_256.py: every field not set here comes from there):
+Same code path as the XL recipe (every field not set here is the schema's XL/2 default):
 VAE-moment sampling, REPA against a 3-block DINOv2 from the test fixtures (its 4x4 tokens are
 resized to the model's 8x8, the official bilinear path), label dropout, EMA, checkpoints, samples.
 A step takes ~0.3 s on 2 busy CPU cores (8 virtual devices).
 """
 import os
 
-from configs import xl_256
+from ddt_jax import config_schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DINOV2 = os.path.join(REPO, "tests", "fixtures", "official", "dinov2_tiny.safetensors")
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
     arg = arg or "latent"
     if arg not in ("latent", "pixel"):
         raise ValueError(f"tiny config argument must be 'latent' or 'pixel', got {arg!r}")
-    c = xl_256.get_config()
+    c = config_schema.default_config()
     c.num_train_steps = 10
     c.global_batch_size = 16          # 2 examples on each of 8 test devices
 
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
         c.repa.weight = 0.0           # no raw images: no REPA
 
     c.repa.align_layer = 2
-    c.repa.projector_dim = -1
+    c.repa.projector_dim = None       # the model's hidden size
     c.repa.feature_dim = 64           # the tiny DINOv2's width
     c.repa.dinov2_path = TINY_DINOV2
     c.repa.dinov2_dtype = "float32"

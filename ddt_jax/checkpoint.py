@@ -1,28 +1,19 @@
-"""Checkpoints of a training run: train state + EMA + REPA projector + data-iterator state, atomically.
+"""Checkpoints of a training run: train state, EMA, REPA projector and data position, atomically.
 
 One orbax `CheckpointManager` under `<workdir>/checkpoints/<step>/` holds two items per step:
 
-    state   {"step", "params": {"model", "projector"}, "opt_state", "ema_params"}  (sharded arrays)
+    state   the train state, a dict of (sharded) arrays whose key layout `weights.TrainState`
+            owns (see ddt_jax/weights.py): this module knows only the two items, not their keys
     data    the grain iterator's position, one JSON per process (so a resumed run sees exactly the
             batches an uninterrupted one would have seen)
 
 Saves are asynchronous (the step loop continues while the arrays are written) and atomic: orbax
 writes into a temporary directory and renames it when every item of every process is written, so a
 run killed mid-save leaves a temporary directory that the next start deletes, and resumes from the
-last complete step. Usage:
-
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-    step = ckpt.latest_step()                               # None on a fresh run
-    state = ckpt.restore(step, abstract_state, data_iter)   # data_iter is restored in place
-    ckpt.save(step, state, data_iter)                       # False unless step % every_steps == 0
-    ckpt.save(step, state, data_iter, force=True)           # preemption / end of training
-    ckpt.close()                                            # waits for the last async save
+last complete step.
 
 `PreemptionGuard` tells the loop when the job is being preempted (SIGTERM on one process; JAX's
 preemption sync point, agreed by all hosts, on several).
-
-Tests: .venv/bin/python -m pytest tests/test_checkpoint.py -q (whole runs killed mid-save or
-preempted: tests/test_trainer.py)
 """
 from __future__ import annotations
 
@@ -50,10 +41,10 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
 def _type_handlers():
     """orbax's default handlers, but each replicated array is written whole by its first replica.
 
-    orbax's default "replica-parallel" save slices every replicated array into one piece per replica,
-    one eager jax op per (array, slice), each compiled on first use: the first save of the 1.3M-param
-    tiny model ran 1952 of them (10 s of its 10.6 s on 2 CPU cores). Our big arrays are FSDP-sharded,
-    so there is little to parallelise across replicas anyway.
+    orbax's default "replica-parallel" save slices every replicated array into one piece per
+    replica, one eager jax op per (array, slice), each compiled on first use: the first save of the
+    1.3M-param tiny model ran 1952 of them (10 s of its 10.6 s on 2 CPU cores). Our big arrays are
+    FSDP-sharded, so there is little to parallelise across replicas anyway.
     """
     return ocp.type_handlers.create_type_handler_registry(
         (int, ocp.type_handlers.ScalarHandler()),
@@ -72,7 +63,7 @@ class Checkpointer:
         cfg = checkpoint_config
         if cfg.every_steps <= 0:
             raise ValueError(f"checkpoint.every_steps must be positive, got {cfg.every_steps}")
-        preserve = [ocp.checkpoint_managers.LatestN(cfg.keep if cfg.keep > 0 else None)]
+        preserve = [ocp.checkpoint_managers.LatestN(cfg.keep)]   # None: keep every checkpoint
         if cfg.keep_every_steps > 0:
             # Milestones survive the LatestN rotation (e.g. every 100k steps for later FID curves).
             preserve.append(ocp.checkpoint_managers.EveryNSteps(cfg.keep_every_steps))
@@ -87,8 +78,9 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
-                           DATA_ITEM: grain.checkpoint.CheckpointHandler()})
+            item_handlers={
+                STATE_ITEM: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+                DATA_ITEM: grain.checkpoint.CheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -96,19 +88,47 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: dict[str, Any], data_iterator=None, *, force: bool = False) -> bool:
-        """Starts saving `state` (a dict of arrays) and the iterator; False if the policy skips `step`."""
+    def save(self, step: int, state: dict[str, Any], data_iterator=None, *,
+             force: bool = False) -> bool:
+        """Starts saving `state` (a dict of arrays) and the iterator, unless the policy skips it.
+
+        Args:
+          step: the training step the checkpoint is filed under.
+          state: the `state` item, a pytree of arrays (e.g. `weights.TrainState.to_dict()`).
+          data_iterator: a grain iterator whose position is saved as the `data` item; None: no
+            `data` item.
+          force: save even if `step` is not a multiple of `every_steps` (preemption, end of
+            training).
+
+        Returns:
+          True if a save was started (in the background with `async_save`; `wait`/`close` block
+          until it is written), False if the save policy skipped `step`.
+        """
         items = {STATE_ITEM: ocp.args.PyTreeSave(state)}
         if data_iterator is not None:
             items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state: dict[str, Any] | None, data_iterator=None) -> dict[str, Any] | None:
-        """Restores the state into `abstract_state`'s shardings (None: only the iterator, in place)."""
+    def restore(self, step: int, abstract_state: dict[str, Any] | None,
+                data_iterator=None) -> dict[str, Any] | None:
+        """Restores the state into `abstract_state`'s shardings (None: only the iterator, in place).
+
+        Args:
+          step: the checkpointed step to read.
+          abstract_state: the `state` item's tree of ShapeDtypeStructs (with shardings), or None
+            to skip the `state` item.
+          data_iterator: a grain iterator to set, in place, to the saved position; None: the
+            `data` item is not read.
+
+        Returns:
+          The restored `state` tree (arrays in `abstract_state`'s shardings), or None if
+          `abstract_state` is None.
+        """
         items = {}
         if abstract_state is not None:
             items[STATE_ITEM] = ocp.args.PyTreeRestore(
-                item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+                item=abstract_state,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
         if data_iterator is not None:
             items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -125,11 +145,22 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(path: str | os.PathLike, abstract: dict[str, Any], step: int | None = None) -> dict[str, Any]:
-    """Restores a subset of a run's train state, e.g. {"ema_params": ...} for sampling or fine-tuning.
+def restore_params(path: str | os.PathLike, abstract: dict[str, Any],
+                   step: int | None = None) -> dict[str, Any]:
+    """Restores a subset of a run's train state, e.g. {"ema_params": ...} to sample or fine-tune.
 
-    `path` is a workdir, its `checkpoints/` directory or one `checkpoints/<step>` directory; `abstract`
-    is a dict of ShapeDtypeStructs (with shardings) for the keys wanted; other keys are not read.
+    Args:
+      path: a workdir, its `checkpoints/` directory or one `checkpoints/<step>` directory.
+      abstract: a dict of ShapeDtypeStructs (with shardings) for the keys wanted; other keys of
+        the `state` item are not read.
+      step: the step to read under a workdir or `checkpoints/` directory; None: the latest
+        complete one. Ignored when `path` is a step directory.
+
+    Returns:
+      `abstract`'s tree of arrays, in its shardings.
+
+    Raises:
+      FileNotFoundError: no complete checkpoint under `path`, or none for `step`.
     """
     path = epath.Path(os.path.abspath(os.fspath(path)))
     if (path / CHECKPOINT_DIR).exists():
@@ -143,9 +174,11 @@ def restore_params(path: str | os.PathLike, abstract: dict[str, Any], step: int 
         step = max(steps) if step is None else step
         item_dir = path / str(step) / STATE_ITEM
         if not item_dir.exists():
-            raise FileNotFoundError(f"no checkpoint for step {step} under {path} (have {sorted(steps)})")
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} under {path} (have {sorted(steps)})")
     restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), abstract)
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+        abstract)
     with ocp.PyTreeCheckpointer() as ckptr:
         return ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
             item=abstract, restore_args=restore_args, partial_restore=True))
@@ -169,7 +202,8 @@ class PreemptionGuard:
 
     def _handler(self, signum, frame):
         del frame
-        logging.warning("received signal %d: saving a checkpoint at the end of this step, then stopping", signum)
+        logging.warning("received signal %d: saving a checkpoint at the end of this step, "
+                        "then stopping", signum)
         self._flag.set()
 
     def reached(self, step: int) -> bool:

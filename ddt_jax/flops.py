@@ -5,11 +5,6 @@ activations and the optimizer update are noise next to them. A train step is
 
     3 x forward(model + REPA projector)      (backward = 2 x forward)
   + 1 x forward(DINOv2)                      (frozen: no backward)
-
-    flops.train_step_flops(model_kwargs, tokens=256, batch=256, repa=..., dinov2=...)
-    flops.peak_flops_per_device(jax.devices()[0])     # None if unknown: set peak_tflops_per_device
-
-Tests: .venv/bin/python -m pytest tests/test_trainer.py -q -k xl_256 (the XL/2 count)
 """
 from __future__ import annotations
 
@@ -73,12 +68,13 @@ def projector_flops(tokens: int, hidden_size: int, projector_dim: int, feature_d
                                + projector_dim * feature_dim))
 
 
-def dinov2_flops(*, image_height: int, image_width: int, embed_dim: int, depth: int, patch_size: int = 14,
-                 mlp_ratio: float = 4.0, extra_tokens: int = 1) -> float:
+def dinov2_flops(*, image_height: int, image_width: int, embed_dim: int, depth: int,
+                 patch_size: int = 14, mlp_ratio: float = 4.0, extra_tokens: int = 1) -> float:
     """DINOv2 forward on one image resized to 224/256 of its size (the REPA input)."""
     h, w = int(224 * image_height / 256) // patch_size, int(224 * image_width / 256) // patch_size
     n, d = h * w + extra_tokens, embed_dim
-    per_block = 2 * n * 3 * d * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * n * 2 * d * int(mlp_ratio * d)
+    per_block = (2 * n * 3 * d * d + 2 * 2 * n * n * d + 2 * n * d * d
+                 + 2 * n * 2 * d * int(mlp_ratio * d))
     return float(2 * h * w * 3 * patch_size * patch_size * d + depth * per_block)
 
 
@@ -88,9 +84,9 @@ def train_step_flops(*, batch: int, model_forward: float, projector_forward: flo
     return float(batch * (3 * (model_forward + projector_forward) + dinov2_forward))
 
 
-def peak_flops_per_device(device, override_tflops: float = 0.0) -> float | None:
+def peak_flops_per_device(device, override_tflops: float | None = None) -> float | None:
     """Peak FLOP/s of `device` (override first), or None when the kind is not in the table."""
-    if override_tflops > 0:
+    if override_tflops is not None and override_tflops > 0:
         return override_tflops * 1e12
     kind = getattr(device, "device_kind", "")
     for name, tflops in PEAK_TFLOPS:

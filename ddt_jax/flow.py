@@ -1,27 +1,24 @@
-"""The DDT training objective as pure functions: rectified-flow interpolant, t sampling, losses.
+"""The DDT training method: rectified-flow interpolant, t sampling, per-example inputs, the loss.
 
-Convention (the official code's `LinearScheduler`): t = 0 is noise, t = 1 is data.
+Convention (the official `LinearScheduler`): t = 0 is noise, t = 1 is data.
 
     x_t = t * x + (1 - t) * eps          # interpolant
     v   = x - eps                        # velocity target, d x_t / d t
     loss = mean((v_pred - v)^2) + repa_weight * mean(1 - cos(proj(h_k), dino(image)))
 
-The official trainer (`stateful_flow_matching/training_repa.py`) draws t = sigmoid(N(0, 1)) per
-example ("lognorm_t"), drops labels to the null class with probability 0.1 (`BaseTrainer`), averages
-the squared error over every element (batch, space and channels) and the cosine loss over every
-token. Nothing here knows about the network; the trainer wires it together:
-
-    t = flow.sample_t(key_t, batch, "lognormal")
-    x_t, v = flow.interpolate(x, eps, t), flow.velocity_target(x, eps)
-    loss = flow.flow_matching_loss(model(x_t, t, y)[0], v)
-
-Tests (torch's cosine similarity and bilinear resize are the references):
-    .venv/bin/python -m pytest tests/test_flow.py -q
+As the official trainer (`stateful_flow_matching/training_repa.py`): t = sigmoid(N(0, 1)) per
+example ("lognorm_t"), labels dropped to the null class with probability 0.1, the squared error
+averaged over every element and the cosine loss over every token. `training_loss` is the whole
+objective of one batch; the trainer only differentiates it and applies the optimizer and the EMA.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from ddt_jax import rng
+from ddt_jax.models import vae as vae_lib
 
 T_SAMPLERS = ("lognormal", "uniform")
 # torch.nn.functional.cosine_similarity's default eps: the norm product is clamped to it.
@@ -59,7 +56,8 @@ def sample_t(key, shape=(), sampler: str = "lognormal", *, mean: float = 0.0, st
 
 
 def drop_labels(key, labels, drop_prob: float, null_class: int):
-    """Replaces each label by `null_class` with probability `drop_prob` (classifier-free guidance)."""
+    """Replaces each label by `null_class` with probability `drop_prob` (for classifier-free
+    guidance)."""
     if drop_prob <= 0.0:
         return labels
     drop = jax.random.uniform(key, labels.shape) < drop_prob
@@ -120,3 +118,81 @@ def repa_loss(projected, target, *, height: int, width: int):
     """
     target = resize_target_tokens(jax.lax.stop_gradient(target), projected.shape[1], height, width)
     return jnp.mean(1.0 - cosine_similarity(projected, target))
+
+
+# ---------------------------------------------------------------------------------------------
+# One train step's inputs and loss. Each example draws from its own key, a function of (seed,
+# step, the example's position in the global batch): the loss does not depend on the mesh or on
+# the number of processes, and no two devices draw the same noise.
+
+def example_keys(seed: int, step, positions) -> jax.Array:
+    """One key per example from (seed, step, position in the global batch).
+
+    Args:
+      seed: the run seed (`config.seed`).
+      step: the optimizer step (an int32 scalar, traced in the train step).
+      positions: (B,) int32 positions of the batch's examples in the run's data order.
+
+    Returns:
+      (B,) PRNG keys.
+    """
+    base = jax.random.fold_in(rng.stream(seed, rng.TRAIN_EXAMPLES), step)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(positions)
+
+
+def training_inputs(batch, keys, config):
+    """(x, t, noise, labels) of one batch: latents sampled from the cached moments (or the
+    pixels), logit-normal t, Gaussian noise and dropped labels, each example from its own key.
+
+    Args:
+      batch: {"moments" (B, H, W, 2C) or "pixels" (B, H, W, C), "label" (B,), ...}.
+      keys: (B,) keys from `example_keys`.
+      config: the run config (reads flow.*, vae.scaling_factor, model.num_classes).
+
+    Returns:
+      x (B, H, W, C) float32, t (B,) float32, noise like x, labels (B,) int32.
+    """
+    def branch(name):
+        return jax.vmap(lambda k: jax.random.fold_in(k, name))(keys)
+
+    k_latent, k_t, k_noise, k_label = (branch(name) for name in (
+        rng.EXAMPLE_LATENT, rng.EXAMPLE_T, rng.EXAMPLE_NOISE, rng.EXAMPLE_LABEL))
+    if "moments" in batch:
+        x = jax.vmap(lambda m, k: vae_lib.sample_latents(m, k, config.vae.scaling_factor))(
+            batch["moments"], k_latent)
+    else:
+        x = batch["pixels"].astype(jnp.float32)
+    t = jax.vmap(lambda k: sample_t(k, (), config.flow.t_sampler, mean=config.flow.t_mean,
+                                    std=config.flow.t_std))(k_t)
+    noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(k_noise)
+    labels = jax.vmap(lambda k, y: drop_labels(k, y, config.flow.label_drop_prob,
+                                               config.model.num_classes))(k_label, batch["label"])
+    return x, t, noise, labels
+
+
+def training_loss(model: nnx.Module, projector: nnx.Module | None, dino: nnx.Module | None,
+                  batch, keys, config):
+    """The DDT objective of one batch: flow matching + repa.weight * REPA.
+
+    Args:
+      model: the DDT / DiT being trained.
+      projector: the REPA projector, or None to train without REPA (then `dino` is unused).
+      dino: the frozen DINOv2 that embeds batch["image"] (no gradient flows into it).
+      batch: as for `training_inputs`, with "image" (B, H, W, 3) uint8 when REPA is on.
+      keys: (B,) keys from `example_keys`.
+      config: the run config (flow.*, repa.*, vae.scaling_factor, model.num_classes).
+
+    Returns:
+      (loss, {"fm_loss", "repa_loss"}), float32 scalars.
+    """
+    x, t, noise, labels = training_inputs(batch, keys, config)
+    x_t = interpolate(x, noise, t)
+    if projector is not None:
+        v_pred, _, hidden = model(x_t, t, labels, feature_layer=config.repa.align_layer)
+        target = dino(batch["image"])
+        repa = repa_loss(projector(hidden), target, height=x.shape[1], width=x.shape[2])
+    else:
+        v_pred = model(x_t, t, labels)[0]
+        repa = jnp.zeros((), jnp.float32)
+    fm = flow_matching_loss(v_pred, velocity_target(x, noise))
+    return fm + config.repa.weight * repa, {"fm_loss": fm, "repa_loss": repa}

@@ -1,31 +1,11 @@
-"""Sample dumps for FID: N class-conditional samples -> the ADM evaluator's `samples.npz` + a PNG grid.
+"""Sample dumps for FID: N class-conditional samples -> the ADM evaluator's `samples.npz` + a grid.
 
-    python sample.py --workdir=/ckpt/ddt_xl_256 --output=/samples/xl_256_ema          # a training run
-    python sample.py --checkpoint=/ckpt/ddt_xl_256_official --vae=/weights/sd-vae-ft-ema \
-        --output=/samples/official_256                                             # converted weights
-    python sample.py ... --config.num_steps=50 --config.state_refresh_rate=2      # sampler overrides
-    python sample.py ... --calibrate --num_recompute=25 --schedule=schedule.json  # solve a DP schedule
-    python sample.py ... --schedule=schedule.json                                 # ... and use it
-
-Writes into --output:
-    samples.npz     arr_0 uint8 (N, H, W, C) NHWC (C = 1 stays 1), arr_1 int64 labels, in the random
-                    order they were drawn (the ADM evaluator computes IS over consecutive chunks of
-                    5,000: class-sorted dumps score IS ~68 instead of ~300)
-    samples.png     the first 64 samples, or one row per class when there are at most 32 classes
-    manifest.json   every setting that changes the samples; a restart must match it
-    parts/          one file per (batch, process) while the dump runs; deleted once samples.npz exists
-
-Reproducibility: labels come from numpy's generator seeded with --seed (uniform, or exactly
-N / num_classes per class with --balanced, shuffled); the noise of batch i is
-normal(fold_in(key(seed), i)), so any batch can be recomputed alone and a restart recomputes only the
-batches whose part files are missing, giving the identical file. The number of devices may change
-between restarts (the samples do not depend on it; on CPU they are bit-identical), a different number
-of processes starts the parts over, and the settings recorded in the manifest may not change.
-
-Multi-host: every process loads the weights, samples its share of every batch (the batch is split
-over a 1-D `data` mesh of all devices) and writes its own part files; after a barrier process 0
-assembles samples.npz, streaming batch by batch (a 50K x 512px dump is 39 GB: it is never held in
-memory). The output directory must be on a file system every process sees.
+A 50K dump is hours of accelerator time, so it is built to survive anything: batch i depends only
+on (seed, i), every finished batch is a part file written atomically, and a restart recomputes only
+the missing parts and assembles the identical file. Each process samples its share of every batch
+and writes its own parts; process 0 streams them into samples.npz (a 50K x 512px dump is 39 GB:
+never held in memory). `manifest.json` records every setting that changes the samples, and a
+restart with other settings is refused. The README's "Sampling for FID" section has the usage.
 """
 from __future__ import annotations
 
@@ -44,15 +24,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ddt_jax import checkpoint
 from ddt_jax import convert
+from ddt_jax import rng
 from ddt_jax import sampler as sampler_lib
+from ddt_jax import sharding
+from ddt_jax import weights
+from ddt_jax.evaluation import images as images_lib
 from ddt_jax.models import ddt
 
 SAMPLES_FILE = "samples.npz"
@@ -60,9 +42,6 @@ GRID_FILE = "samples.png"
 MANIFEST_FILE = "manifest.json"
 PARTS_DIR = "parts"
 MANIFEST_VERSION = 1
-# fold_in streams of key(seed) other than the batch indices 0, 1, 2, ...
-SDE_STREAM = 2**31 - 1          # per-batch keys for the SDE solvers' step noise
-CALIBRATE_STREAM = 2**31 - 2    # the --calibrate batch
 GRID_SAMPLES = 64
 GRID_MAX_CLASS_ROWS = 32        # up to this many classes, the grid shows one row per class
 
@@ -72,20 +51,20 @@ class DumpArgs:
     """Everything sample.py takes besides the sampler config (the flags, one to one)."""
     output: str = ""
     workdir: str = ""               # a training run: its config.json + checkpoints/
-    checkpoint: str = ""            # or a converted model directory (python -m ddt_jax.convert ddt ...)
-    vae: str = ""                   # SD-VAE (diffusers folder or one file); "none" for a pixel-space model
+    checkpoint: str = ""            # or a converted model dir (python -m ddt_jax.convert ddt ...)
+    vae: str | None = None          # SD-VAE (diffusers folder or one file); "none": pixel space
     raw: bool = False               # workdir only: the raw params instead of the EMA
-    step: int = -1                  # workdir only: checkpoint step; -1 = the latest
-    dtype: str = ""                 # model compute dtype override ("float32", "bfloat16"); "" = the config's
-    image_size: int = -1            # model-input (latent) side override; -1 = the model config's
+    step: int | None = None         # workdir only: checkpoint step; None = the latest
+    dtype: str | None = None        # compute dtype ("float32", "bfloat16"); None = the config's
+    image_size: int | None = None   # model-input (latent) side; None = the model config's
     num_samples: int = 50_000
     batch_size: int = 256           # global, over all devices of all processes
     seed: int = 0
     balanced: bool = False
     schedule: str = ""              # recompute schedule json (written by --calibrate)
-    calibrate: bool = False         # solve a schedule and write it to `schedule` instead of sampling
+    calibrate: bool = False         # solve a schedule, write it to `schedule`; sample nothing
     num_recompute: int = 0          # --calibrate: encoder recomputes in the schedule
-    calibrate_samples: int = 8      # --calibrate: batch size of the statistics (the official uses 8)
+    calibrate_samples: int = 8      # --calibrate: batch size of the statistics (official: 8)
     keep_parts: bool = False        # keep parts/ after samples.npz is written
 
 
@@ -108,35 +87,38 @@ class Source:
 
 def check_args(args: DumpArgs, num_devices: int) -> None:
     if bool(args.workdir) == bool(args.checkpoint):
-        raise ValueError("pass exactly one of --workdir (a training run) or --checkpoint (a converted "
-                         "model directory from `python -m ddt_jax.convert ddt`)")
-    if args.checkpoint and (args.raw or args.step != -1):
-        raise ValueError("--raw and --step select weights inside a training --workdir; a converted "
-                         "--checkpoint holds one set of weights")
+        raise ValueError("pass exactly one of --workdir (a training run) or --checkpoint "
+                         "(a converted model directory from `python -m ddt_jax.convert ddt`)")
+    if args.checkpoint and (args.raw or args.step is not None):
+        raise ValueError("--raw and --step select weights inside a training --workdir; "
+                         "a converted --checkpoint holds one set of weights")
     if args.dtype and args.dtype not in ddt.DTYPES:
-        raise ValueError(f"--dtype={args.dtype!r}: use one of {sorted(ddt.DTYPES)} (or leave it empty for the "
-                         "model config's)")
+        raise ValueError(f"--dtype={args.dtype!r}: use one of {sorted(ddt.DTYPES)} "
+                         "(or leave it empty for the model config's)")
     if args.checkpoint and not args.vae and not args.calibrate:
-        raise ValueError("a converted checkpoint needs --vae=PATH (the SD-VAE diffusers folder or weight file "
-                         "its latents decode with), or --vae=none for a pixel-space model")
+        raise ValueError("a converted checkpoint needs --vae=PATH (the SD-VAE diffusers folder "
+                         "or weight file its latents decode with), or --vae=none for a "
+                         "pixel-space model")
     if args.calibrate:
         if not args.schedule:
-            raise ValueError("--calibrate writes the solved schedule to --schedule=PATH.json: pass it")
+            raise ValueError(
+                "--calibrate writes the solved schedule to --schedule=PATH.json: pass it")
         if args.num_recompute < 1:
-            raise ValueError("--calibrate needs --num_recompute=K (how many of the num_steps steps run the "
-                             "encoder, e.g. num_steps // 2)")
+            raise ValueError("--calibrate needs --num_recompute=K (how many of the num_steps "
+                             "steps run the encoder, e.g. num_steps // 2)")
         if args.calibrate_samples < 1:
             raise ValueError(f"--calibrate_samples must be >= 1, got {args.calibrate_samples}")
         return
     if not args.output:
-        raise ValueError("pass --output=DIR (samples.npz, samples.png and the resumable parts go there)")
+        raise ValueError(
+            "pass --output=DIR (samples.npz, samples.png and the resumable parts go there)")
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.batch_size < 1 or args.batch_size % num_devices:
         good = max(num_devices, args.batch_size // num_devices * num_devices)
-        raise ValueError(f"--batch_size={args.batch_size} is not divisible by the {num_devices} devices "
-                         f"(jax.device_count()): every device samples an equal share; use a multiple of "
-                         f"{num_devices}, e.g. --batch_size={good}")
+        raise ValueError(f"--batch_size={args.batch_size} is not divisible by the {num_devices} "
+                         "devices (jax.device_count()): every device samples an equal share; "
+                         f"use a multiple of {num_devices}, e.g. --batch_size={good}")
 
 
 def resolve_sampler_config(config, schedule: str = "") -> dict:
@@ -146,17 +128,18 @@ def resolve_sampler_config(config, schedule: str = "") -> dict:
         if c["recompute_steps"] is not None:
             raise ValueError("both --schedule and --config.recompute_steps are set: pass one")
         if not os.path.exists(schedule):
-            raise FileNotFoundError(f"--schedule={schedule} does not exist; write one with --calibrate "
-                                    f"--num_recompute=K --schedule={schedule}")
+            raise FileNotFoundError(f"--schedule={schedule} does not exist; write one with "
+                                    f"--calibrate --num_recompute=K --schedule={schedule}")
         steps = sampler_lib.load_schedule(schedule)
         # --calibrate also records the step count it solved for (other writers may not).
-        solved_for = json.loads(pathlib.Path(schedule).read_text()).get("num_steps", c["num_steps"])
+        solved_for = json.loads(pathlib.Path(schedule).read_text()).get("num_steps",
+                                                                         c["num_steps"])
         if solved_for != c["num_steps"]:
-            raise ValueError(f"--schedule={schedule} was solved for num_steps={solved_for} but num_steps is "
-                             f"{c['num_steps']}; calibrate again with this num_steps")
+            raise ValueError(f"--schedule={schedule} was solved for num_steps={solved_for} but "
+                             f"num_steps is {c['num_steps']}; calibrate again with this num_steps")
         if steps[-1] >= c["num_steps"]:
-            raise ValueError(f"--schedule={schedule} recomputes at step {steps[-1]} but num_steps is "
-                             f"{c['num_steps']}: it was solved for more steps; calibrate again")
+            raise ValueError(f"--schedule={schedule} recomputes at step {steps[-1]} but num_steps "
+                             f"is {c['num_steps']}: it was solved for more steps; calibrate again")
         c = sampler_lib.read_config({**c, "recompute_steps": steps})
     return c
 
@@ -166,180 +149,167 @@ def resolve_sampler_config(config, schedule: str = "") -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D `data` mesh over every device of every process (the test passes a subset)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
-
-
-def _replicate(tree, mesh):
-    """Host/device arrays -> arrays replicated over the mesh; works across processes (each process
-    holds the same values, so every device copies from its own host)."""
-    sharding = NamedSharding(mesh, P())
-
-    def put(a):
-        a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    return jax.tree.map(put, tree)
+    """The dump's mesh: every device of every process data-parallel (the test passes a subset)."""
+    return sharding.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+                                devices)
 
 
 def _module_on_mesh(module: nnx.Module, mesh) -> nnx.Module:
+    """The module with its state replicated over the mesh (each device copies from its host)."""
     graphdef, state = nnx.split(module)
-    return nnx.merge(graphdef, _replicate(state, mesh))
+    return nnx.merge(graphdef, sharding.host_to_replicated(state, mesh))
 
 
 def _load_vae(path: str, mesh, scaling_factor: float | None):
     vae = convert.load_vae(path)
-    if scaling_factor is not None and not math.isclose(vae.scaling_factor, scaling_factor, rel_tol=1e-6):
-        raise ValueError(f"the VAE at {path} has scaling_factor {vae.scaling_factor} but the run trained on "
-                         f"latents scaled by vae.scaling_factor={scaling_factor}: decode with the run's VAE")
+    if scaling_factor is not None and not math.isclose(vae.scaling_factor, scaling_factor,
+                                                       rel_tol=1e-6):
+        raise ValueError(f"the VAE at {path} has scaling_factor {vae.scaling_factor} but the run "
+                         f"trained on latents scaled by vae.scaling_factor={scaling_factor}: "
+                         "decode with the run's VAE")
     return _module_on_mesh(vae, mesh)
 
 
-def _latent_shape(model_config, image_size: int) -> tuple[int, int, int]:
-    h = image_size if image_size > 0 else model_config.image_size
-    w = h if image_size > 0 or model_config.get("image_width", -1) <= 0 else model_config.image_width
+def _latent_shape(model_config, image_size: int | None) -> tuple[int, int, int]:
+    h = image_size if image_size is not None else model_config.image_size
+    w = (h if image_size is not None or model_config.get("image_width") is None
+         else model_config.image_width)
     return int(h), int(w), int(model_config.in_channels)
-
-
-def _workdir_steps(workdir: pathlib.Path) -> list[int]:
-    directory = pathlib.Path(checkpoint.checkpoint_dir(workdir))
-    return sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
 
 
 def load_source(args: DumpArgs, mesh, *, decode: bool = True) -> Source:
     """The model (EMA or raw params of a run, or a converted checkpoint) and its VAE, on the mesh.
-    decode=False (--calibrate) skips loading the VAE; the manifest still names it."""
+
+    Args:
+      args: the dump's flags; `workdir` (with `step`, `raw`) or `checkpoint` names the weights,
+        `vae` the VAE (a run defaults to its config's `vae.path`), `dtype` and `image_size`
+        override the model config's.
+      mesh: the mesh the params (and the VAE) are replicated over.
+      decode: False (--calibrate) skips loading the VAE; the manifest still names it.
+
+    Returns:
+      A Source: the model, the VAE (None for a pixel-space model or decode=False), the latent
+      shape (H, W, C) to sample, and the description the manifest records.
+    """
     if args.checkpoint:
         path = pathlib.Path(args.checkpoint).absolute()
-        config_path = path / convert.CONVERTED_CONFIG
-        if not config_path.exists():
+        if not weights.is_converted_dir(path):
             raise FileNotFoundError(
-                f"--checkpoint={path} is not a converted model (no {convert.CONVERTED_CONFIG}). Create one with "
-                "`python -m ddt_jax.convert ddt --input MODEL.ckpt --num-encoder-blocks N --output DIR`; "
-                "for a training run use --workdir")
-        model_config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+                f"--checkpoint={path} is not a converted model (no {weights.CONVERTED_CONFIG}). "
+                f"Create one with {weights.HOW_TO_CONVERT}; for a training run use --workdir")
+        model_config = weights.read_model_config(path)
         if args.dtype:
             model_config.dtype = args.dtype
-        model = _restore_converted_model(path, model_config, mesh)
-        vae_path = None if args.vae in ("", "none") else os.path.abspath(args.vae)
+        model = _restore_model(path, model_config, mesh, which="ema", step=None)
+        vae_path = None if args.vae in (None, "", "none") else os.path.abspath(args.vae)
         vae = None if vae_path is None or not decode else _load_vae(vae_path, mesh, None)
         description = dict(kind="converted", path=str(path))
     else:
         workdir = pathlib.Path(args.workdir).absolute()
-        config_path = workdir / "config.json"
+        config_path = workdir / weights.RUN_CONFIG
         if not config_path.exists():
-            raise FileNotFoundError(f"--workdir={workdir} has no config.json: is it a training run directory "
-                                    "(python train.py --workdir=...)? For converted weights use --checkpoint")
+            raise FileNotFoundError(f"--workdir={workdir} has no config.json: is it a training run "
+                                    "directory (python train.py --workdir=...)? For converted "
+                                    "weights use --checkpoint")
         run_config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
         model_config = run_config.model
         if args.dtype:
             model_config.dtype = args.dtype
-        steps = _workdir_steps(workdir)
+        steps = weights.run_steps(workdir)
         if not steps:
-            raise FileNotFoundError(f"--workdir={workdir} has no complete checkpoint under checkpoints/ yet")
-        step = steps[-1] if args.step == -1 else args.step
+            raise FileNotFoundError(
+                f"--workdir={workdir} has no complete checkpoint under checkpoints/ yet")
+        step = steps[-1] if args.step is None else args.step
         if step not in steps:
-            raise ValueError(f"--step={args.step}: no checkpoint for that step in {workdir} (have {steps})")
-        model = _restore_run_model(workdir, step, model_config, args.raw, mesh)
+            raise ValueError(
+                f"--step={args.step}: no checkpoint for that step in {workdir} (have {steps})")
+        model = _restore_model(workdir, model_config, mesh, which="raw" if args.raw else "ema",
+                               step=step)
         pixel = run_config.data.kind == "pixel"
         if pixel:
             if args.vae and args.vae != "none":
-                raise ValueError(f"{workdir} trained on pixels (data.kind='pixel'): it has no VAE; drop --vae")
+                raise ValueError(f"{workdir} trained on pixels (data.kind='pixel'): it has no VAE; "
+                                 "drop --vae")
             vae_path = vae = None
         else:
             vae_path = args.vae or run_config.vae.path
             if not vae_path or vae_path == "none":
-                raise ValueError(f"{workdir} trained on latents but its config has no vae.path: pass --vae=PATH "
-                                 "(the SD-VAE diffusers folder or weight file)")
+                raise ValueError(f"{workdir} trained on latents but its config has no vae.path: "
+                                 "pass --vae=PATH (the SD-VAE diffusers folder or weight file)")
             vae_path = os.path.abspath(vae_path)
             vae = _load_vae(vae_path, mesh, run_config.vae.scaling_factor) if decode else None
-        description = dict(kind="workdir", path=str(workdir), step=int(step), weights="raw" if args.raw else "ema")
+        description = dict(kind="workdir", path=str(workdir), step=int(step),
+                           weights="raw" if args.raw else "ema")
 
     if vae is not None and vae.config.latent_channels != model.in_channels:
-        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels but the model generates "
-                         f"{model.in_channels}: pass the VAE the model was trained with")
+        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels but the model "
+                         f"generates {model.in_channels}: pass the VAE the model was trained with")
     ddt.model_kwargs(model_config)   # raises on a malformed config
     description.update(model=model_config.to_dict(), vae=vae_path)
     return Source(model=model, vae=vae, latent_shape=_latent_shape(model_config, args.image_size),
                   description=description)
 
 
-def _abstract_params(model_config, mesh):
-    """(graphdef, abstract nnx.Param state with replicated shardings, the rest of the state)."""
-    abstract_model = nnx.eval_shape(lambda: ddt.build_model(model_config, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    replicated = NamedSharding(mesh, P())
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
-    return graphdef, params, rest
-
-
-def _restore_converted_model(path: pathlib.Path, model_config, mesh) -> nnx.Module:
-    """The converted model, restored straight into replicated arrays on the mesh (works multi-process)."""
-    return convert.load_converted(path, dtype=model_config.dtype, sharding=NamedSharding(mesh, P()))
-
-
-def _restore_run_model(workdir: pathlib.Path, step: int, model_config, raw: bool, mesh) -> nnx.Module:
-    """A training run's EMA (or raw) params, restored straight into replicated arrays."""
-    # The trainer stores the nnx.Param state as a pure dict (trainer._split_params).
-    graphdef, params, rest = _abstract_params(model_config, mesh)
-    abstract = params.to_pure_dict()
-    wanted = {"params": {"model": abstract}} if raw else {"ema_params": abstract}
-    restored = checkpoint.restore_params(workdir, wanted, step=step)
-    values = restored["params"]["model"] if raw else restored["ema_params"]
-    nnx.replace_by_pure_dict(params, values)
-    return nnx.merge(graphdef, params, rest)
+def _restore_model(path: pathlib.Path, model_config, mesh, *, which: str, step: int | None
+                   ) -> nnx.Module:
+    """The model's params from a run or a converted directory, restored replicated on the mesh."""
+    graphdef, abstract = weights.abstract_params(
+        lambda: ddt.build_model(model_config, rngs=nnx.Rngs(0)), sharding.replicated(mesh))
+    params = weights.load_model_params(path, abstract, which=which, step=step)
+    return weights.merge_params(graphdef, params)
 
 
 # ----------------------------------------------------------------------------------------------
 # Labels, noise and the per-batch computation
 # ----------------------------------------------------------------------------------------------
 
-def sample_labels(num_samples: int, num_classes: int, seed: int, balanced: bool = False) -> np.ndarray:
-    """(N,) int64 labels in random order: uniform draws, or exactly N / num_classes of each, shuffled."""
+def sample_labels(num_samples: int, num_classes: int, seed: int,
+                  balanced: bool = False) -> np.ndarray:
+    """(N,) int64 labels in random order: uniform draws, or exactly N / num_classes of each."""
     rng = np.random.default_rng(seed)
     if not balanced:
         return rng.integers(0, num_classes, num_samples, dtype=np.int64)
     if num_samples % num_classes:
-        raise ValueError(f"--balanced needs --num_samples divisible by the {num_classes} classes, got "
-                         f"{num_samples}; e.g. --num_samples={num_samples // num_classes * num_classes or num_classes}")
-    return rng.permutation(np.repeat(np.arange(num_classes, dtype=np.int64), num_samples // num_classes))
+        raise ValueError(f"--balanced needs --num_samples divisible by the {num_classes} classes, "
+                         f"got {num_samples}; e.g. "
+                         f"--num_samples={num_samples // num_classes * num_classes or num_classes}")
+    return rng.permutation(np.repeat(np.arange(num_classes, dtype=np.int64),
+                                     num_samples // num_classes))
 
 
 def batch_noise(seed: int, index, shape) -> jax.Array:
-    """The starting noise of batch `index`: normal(fold_in(key(seed), index)), float32 (B, H, W, C)."""
-    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), shape, jnp.float32)
+    """The starting noise of batch `index`, float32 (B, H, W, C).
+
+    Drawn as normal(fold_in(key(seed), index)).
+    """
+    return jax.random.normal(rng.stream(seed, index), shape, jnp.float32)
 
 
 def batch_step_key(seed: int, index) -> jax.Array:
-    """The per-step noise key of the SDE solvers for batch `index` (a stream apart from the batches)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), SDE_STREAM), index)
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """[-1, 1] float -> uint8 as the official dumps: clip((x + 1) * 127.5 + 0.5), truncated."""
-    return jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(jnp.uint8)
+    """The per-step noise key of the SDE solvers for batch `index` (rng.DUMP_SDE stream)."""
+    return jax.random.fold_in(rng.stream(seed, rng.DUMP_SDE), index)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _sharded_noise(seed, index, shape):
     # Sharded where it is drawn: threefry gives the same numbers whatever the sharding.
-    return jax.lax.with_sharding_constraint(batch_noise(seed, index, shape), P("data"))
+    return jax.lax.with_sharding_constraint(batch_noise(seed, index, shape),
+                                            P(sharding.BATCH_AXES))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _decode(vae_graphdef, vae_state, x):
     images = x if vae_graphdef is None else nnx.merge(vae_graphdef, vae_state).decode(x)
-    return jax.lax.with_sharding_constraint(to_uint8(images), P("data"))
+    return jax.lax.with_sharding_constraint(images_lib.to_uint8(images), P(sharding.BATCH_AXES))
 
 
 class BatchSampler:
-    """Samples and decodes batch i of the dump as a uint8 array sharded over the mesh's `data` axis."""
+    """Samples and decodes batch i of the dump: uint8, sharded over the mesh's `data` axis."""
 
     def __init__(self, source: Source, sampler_config: dict, *, batch_size: int, seed: int, mesh):
         self.source, self.config, self.seed, self.mesh = source, sampler_config, seed, mesh
         self.shape = (batch_size, *source.latent_shape)
-        self.rows = NamedSharding(mesh, P("data"))
+        self.rows = sharding.batch_sharding(mesh, 1)
         self.vae_graphdef = self.vae_state = None
         if source.vae is not None:
             self.vae_graphdef, self.vae_state = nnx.split(source.vae)
@@ -366,12 +336,13 @@ class BatchSampler:
 # ----------------------------------------------------------------------------------------------
 
 def _part_path(output: pathlib.Path, batch: int, process: int, process_count: int) -> pathlib.Path:
-    # The process count is in the name: a restart on another number of hosts recomputes, never mixes.
+    # The process count is in the name: a restart on another number of hosts recomputes, never
+    # mixes.
     return output / PARTS_DIR / f"{batch:07d}.p{process}of{process_count}.npz"
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
-    """write(file) into a temporary sibling, then rename: a killed run never leaves a partial file."""
+    """write(file) into a temporary sibling, then rename: a killed run leaves no partial file."""
     tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")
     with open(tmp, "wb") as f:
         write(f)
@@ -380,7 +351,8 @@ def _atomic_write(path: pathlib.Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _write_part(path: pathlib.Path, index: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+def _write_part(path: pathlib.Path, index: np.ndarray, images: np.ndarray,
+                labels: np.ndarray) -> None:
     _atomic_write(path, lambda f: np.savez(f, index=index, images=images, labels=labels))
 
 
@@ -398,7 +370,8 @@ def _local_rows(images: jax.Array) -> tuple[np.ndarray, np.ndarray]:
 def manifest_for(args: DumpArgs, source: Source, sampler_config: dict, image_shape) -> dict:
     return dict(version=MANIFEST_VERSION, source=source.description, sampler=sampler_config,
                 num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
-                balanced=args.balanced, latent_shape=list(source.latent_shape), image_shape=list(image_shape))
+                balanced=args.balanced, latent_shape=list(source.latent_shape),
+                image_shape=list(image_shape))
 
 
 def _differences(old, new, prefix="") -> list[str]:
@@ -411,30 +384,33 @@ def _differences(old, new, prefix="") -> list[str]:
 
 
 def check_manifest(output: pathlib.Path, manifest: dict) -> None:
-    """Raises if `output` holds a dump made with other settings; writes the manifest on a fresh one."""
+    """Raises if `output` holds a dump made with other settings; writes the manifest if fresh."""
     path = output / MANIFEST_FILE
-    new = json.loads(json.dumps(manifest))   # the JSON view (tuples -> lists) compares like the file
+    # The JSON view (tuples -> lists) compares like the file.
+    new = json.loads(json.dumps(manifest))
     if path.exists():
         old = json.loads(path.read_text())
         diff = _differences(old, new)
         if diff:
             raise ValueError(
-                f"{output} holds a dump made with other settings ({'; '.join(diff)}). Rerun with the settings "
-                f"in {path}, choose another --output, or delete {output} to start over.")
+                f"{output} holds a dump made with other settings ({'; '.join(diff)}). "
+                f"Rerun with the settings in {path}, choose another --output, or delete {output} "
+                "to start over.")
     multihost_utils.sync_global_devices("sample_dump: manifest checked")
     if jax.process_index() == 0 and not path.exists():
         _atomic_write(path, lambda f: f.write((json.dumps(new, indent=2) + "\n").encode()))
 
 
-def _write_npz_streaming(path: pathlib.Path, shape: tuple[int, ...], blocks, labels: np.ndarray) -> None:
+def _write_npz_streaming(path: pathlib.Path, shape: tuple[int, ...], blocks,
+                         labels: np.ndarray) -> None:
     """An np.savez-compatible file (arr_0 uint8 `shape`, arr_1 labels) from row blocks in order,
     without holding arr_0 in memory. Fixed zip timestamps: the same samples give the same bytes."""
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as member:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                          "shape": tuple(shape)}
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                          "fortran_order": False, "shape": tuple(shape)}
                 np.lib.format.write_array_header_1_0(member, header)   # what np.save writes
                 rows = 0
                 for block in blocks:
@@ -471,18 +447,20 @@ class _Grid:
             self.seen += 1
 
     def write(self, path: pathlib.Path, image_shape) -> None:
-        h, w, c = image_shape
-        rows = self.num_classes if self.per_class else math.ceil(min(self.seen, GRID_SAMPLES) / self.cols)
-        grid = np.zeros((rows * h, self.cols * w, c), np.uint8)   # black where a class has fewer samples
+        rows = (self.num_classes if self.per_class
+                else math.ceil(min(self.seen, GRID_SAMPLES) / self.cols))
+        # Black where a class has fewer samples than a row holds.
+        cells = np.zeros((rows * self.cols, *image_shape), np.uint8)
         for (r, col), image in self.cells.items():
-            grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-        image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+            cells[r * self.cols + col] = image
+        grid = images_lib.image_grid(cells, cols=self.cols)
+        image = Image.fromarray(grid[..., 0] if image_shape[-1] == 1 else grid)
         _atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
-def assemble(output: pathlib.Path, *, num_samples: int, batch_size: int, image_shape, labels: np.ndarray,
-             num_classes: int, process_count: int) -> None:
-    """Process 0: parts -> samples.npz (+ grid), checking every sample is present once with its label."""
+def assemble(output: pathlib.Path, *, num_samples: int, batch_size: int, image_shape,
+             labels: np.ndarray, num_classes: int, process_count: int) -> None:
+    """Process 0: parts -> samples.npz + grid; checks each sample is there once, with its label."""
     num_batches = math.ceil(num_samples / batch_size)
     grid = _Grid(num_classes)
 
@@ -496,13 +474,15 @@ def assemble(output: pathlib.Path, *, num_samples: int, batch_size: int, image_s
                 with np.load(path) as part:
                     index, images, part_labels = part["index"], part["images"], part["labels"]
                 if (index.min(initial=start) < start or index.max(initial=start) >= stop
-                        or filled[index - start].any() or not np.array_equal(part_labels, labels[index])):
-                    raise RuntimeError(f"{path} does not hold the samples of batch {b} that these settings draw; "
-                                       f"delete {output / PARTS_DIR} and rerun")
+                        or filled[index - start].any()
+                        or not np.array_equal(part_labels, labels[index])):
+                    raise RuntimeError(f"{path} does not hold the samples of batch {b} that these "
+                                       f"settings draw; delete {output / PARTS_DIR} and rerun")
                 block[index - start] = images
                 filled[index - start] = True
             if not filled.all():
-                raise RuntimeError(f"batch {b} is missing samples {np.flatnonzero(~filled)[:8] + start} in "
+                raise RuntimeError(f"batch {b} is missing samples "
+                                   f"{np.flatnonzero(~filled)[:8] + start} in "
                                    f"{output / PARTS_DIR}; delete it and rerun")
             grid.add(block, labels[start:stop])
             yield block
@@ -525,7 +505,8 @@ class _Progress:
         if enabled:
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, unit="img", smoothing=0.1, dynamic_ncols=True)
+                self.bar = tqdm(total=total, initial=initial, unit="img", smoothing=0.1,
+                                dynamic_ncols=True)
             except ImportError:
                 pass
 
@@ -540,8 +521,8 @@ class _Progress:
         if now - self.last >= 30 or self.done == self.total:
             rate = self.new / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            logging.info("sampled %d / %d images, %.1f images/s, ETA %s", self.done, self.total, rate,
-                         time.strftime("%H:%M:%S", time.gmtime(eta)))
+            logging.info("sampled %d / %d images, %.1f images/s, ETA %s", self.done, self.total,
+                         rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
             self.last = now
 
     def close(self) -> None:
@@ -549,16 +530,28 @@ class _Progress:
             self.bar.close()
 
 
-def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *, max_batches: int | None = None
-         ) -> pathlib.Path | None:
+def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *,
+         max_batches: int | None = None) -> pathlib.Path | None:
     """Samples every missing batch into parts/, then assembles samples.npz; returns its path.
 
-    max_batches (for tests): stop after sampling this many new batches, as if killed; returns None.
+    Args:
+      args: the dump's flags (`output`, `num_samples`, `batch_size`, `seed`, `balanced`,
+        `keep_parts`); they and the sampler settings must match the manifest of a dump already in
+        `output`.
+      source: the model and VAE to sample, from `load_source`.
+      sampler_config: the resolved sampler settings, from `resolve_sampler_config`.
+      mesh: the data-parallel mesh of `make_mesh`; every process calls `dump` with it.
+      max_batches: for tests: stop after sampling this many new batches, as if killed.
+
+    Returns:
+      The path of samples.npz (also when it was already complete), or None when `max_batches`
+      stopped the dump before every batch was sampled.
     """
     output = pathlib.Path(args.output).absolute()
     process, process_count = jax.process_index(), jax.process_count()
     labels = sample_labels(args.num_samples, source.num_classes, args.seed, args.balanced)
-    batcher = BatchSampler(source, sampler_config, batch_size=args.batch_size, seed=args.seed, mesh=mesh)
+    batcher = BatchSampler(source, sampler_config, batch_size=args.batch_size, seed=args.seed,
+                           mesh=mesh)
     image_shape = batcher.image_shape()
     if process == 0:
         (output / PARTS_DIR).mkdir(parents=True, exist_ok=True)
@@ -570,16 +563,18 @@ def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *, max_batc
         return final
 
     num_batches = math.ceil(args.num_samples / args.batch_size)
-    mine = np.array([_part_path(output, b, process, process_count).exists() for b in range(num_batches)])
-    # A batch is done only when every process wrote its part (all processes run every batch together).
+    mine = np.array([_part_path(output, b, process, process_count).exists()
+                     for b in range(num_batches)])
+    # A batch is done only when every process wrote its part (all processes run every batch
+    # together).
     done = mine if process_count == 1 else multihost_utils.process_allgather(mine).all(axis=0)
     todo = [b for b in range(num_batches) if not done[b]]
     if max_batches is not None:
         todo = todo[:max_batches]
-    finished = sum(min(args.batch_size, args.num_samples - b * args.batch_size) for b in range(num_batches)
-                   if done[b])
-    logging.info("%d of %d batches of %d already in %s; sampling %d", num_batches - len(todo), num_batches,
-                 args.batch_size, output / PARTS_DIR, len(todo))
+    finished = sum(min(args.batch_size, args.num_samples - b * args.batch_size)
+                   for b in range(num_batches) if done[b])
+    logging.info("%d of %d batches of %d already in %s; sampling %d", num_batches - len(todo),
+                 num_batches, args.batch_size, output / PARTS_DIR, len(todo))
 
     def batch_labels(b):
         chunk = labels[b * args.batch_size:(b + 1) * args.batch_size]
@@ -606,45 +601,76 @@ def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *, max_batc
 
     multihost_utils.sync_global_devices("sample_dump: parts written")
     if process == 0:
-        assemble(output, num_samples=args.num_samples, batch_size=args.batch_size, image_shape=image_shape,
-                 labels=labels, num_classes=source.num_classes, process_count=process_count)
+        assemble(output, num_samples=args.num_samples, batch_size=args.batch_size,
+                 image_shape=image_shape, labels=labels, num_classes=source.num_classes,
+                 process_count=process_count)
         if not args.keep_parts:
             for path in (output / PARTS_DIR).iterdir():
                 path.unlink()
             (output / PARTS_DIR).rmdir()
-        logging.info("wrote %s (%d samples, %s) and %s", final, args.num_samples, image_shape, output / GRID_FILE)
+        logging.info("wrote %s (%d samples, %s) and %s", final, args.num_samples, image_shape,
+                     output / GRID_FILE)
     multihost_utils.sync_global_devices("sample_dump: assembled")
     return final
 
 
 def calibrate(args: DumpArgs, source: Source, sampler_config: dict) -> list[int]:
-    """Solves a DP recompute schedule on a small batch and writes it to args.schedule."""
+    """Solves a DP recompute schedule on a small batch and writes it to args.schedule.
+
+    Args:
+      args: the flags; `schedule` (the JSON written by process 0), `num_recompute` (encoder
+        recomputes to place), `calibrate_samples` (the batch size) and `seed` are used.
+      source: a DDT (the DiT baseline has no encoder state to reuse), from `load_source`.
+      sampler_config: the resolved sampler settings; their `recompute_steps` are ignored (the
+        statistics need every step's state).
+
+    Returns:
+      The `num_recompute` solved recompute steps, increasing and starting at 0.
+    """
     if not source.model.is_decoupled:
         raise ValueError("--calibrate needs a DDT: the DiT baseline has no encoder state to reuse")
     n = sampler_config["num_steps"]
     if args.num_recompute > n:
         raise ValueError(f"--num_recompute={args.num_recompute} exceeds num_steps={n}")
     config = {**sampler_config, "recompute_steps": None}   # the statistics need every step's state
-    # Noise, step noise and labels of their own: the calibration batch is none of the dump's batches.
-    root = jax.random.fold_in(jax.random.key(args.seed), CALIBRATE_STREAM)
-    noise = jax.random.normal(jax.random.fold_in(root, 0), (args.calibrate_samples, *source.latent_shape))
-    labels = np.random.default_rng([args.seed, CALIBRATE_STREAM]).integers(0, source.num_classes,
+    # Noise, step noise and labels of their own: the calibration batch is none of the dump's
+    # batches.
+    root = rng.stream(args.seed, rng.DUMP_CALIBRATE)
+    noise = jax.random.normal(jax.random.fold_in(root, 0),
+                              (args.calibrate_samples, *source.latent_shape))
+    labels = np.random.default_rng([args.seed, rng.DUMP_CALIBRATE]).integers(0, source.num_classes,
                                                                            args.calibrate_samples)
     states = sampler_lib.calibrate(source.model, noise, jnp.asarray(labels, jnp.int32), config,
                                    key=jax.random.fold_in(root, 1))
-    steps = sampler_lib.solve_recompute_steps(np.asarray(jax.device_get(states)), args.num_recompute)
+    steps = sampler_lib.solve_recompute_steps(np.asarray(jax.device_get(states)),
+                                              args.num_recompute)
     if jax.process_index() == 0:
-        sampler_lib.save_schedule(args.schedule, steps)   # validates, then we add what it was solved for
+        # save_schedule validates; then we add what the schedule was solved for.
+        sampler_lib.save_schedule(args.schedule, steps)
         record = {"recompute_steps": steps, "num_steps": n, "num_recompute": args.num_recompute,
-                  "calibrate_samples": args.calibrate_samples, "seed": args.seed, "source": source.description,
-                  "sampler": config}
-        _atomic_write(pathlib.Path(args.schedule), lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
-        logging.info("wrote %s: %d recomputes over %d steps: %s", args.schedule, len(steps), n, steps)
+                  "calibrate_samples": args.calibrate_samples, "seed": args.seed,
+                  "source": source.description, "sampler": config}
+        _atomic_write(pathlib.Path(args.schedule),
+                      lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+        logging.info("wrote %s: %d recomputes over %d steps: %s", args.schedule, len(steps), n,
+                     steps)
     return steps
 
 
 def run(args: DumpArgs, sampler_config, *, devices=None, max_batches: int | None = None):
-    """What sample.py runs: checks, loads, then dumps (returns the npz path) or calibrates (the steps)."""
+    """What sample.py runs: checks, loads, then dumps or calibrates.
+
+    Args:
+      args: sample.py's flags.
+      sampler_config: the sampler settings (a ConfigDict or mapping for `sampler.read_config`);
+        `args.schedule`'s recompute steps are added unless calibrating.
+      devices: the devices of the mesh; None: every device of every process.
+      max_batches: passed to `dump` (for tests).
+
+    Returns:
+      With `args.calibrate`, the solved recompute steps (`calibrate`); otherwise the path of
+      samples.npz, or None if `max_batches` stopped the dump early (`dump`).
+    """
     mesh = make_mesh(devices)
     check_args(args, mesh.size)
     config = resolve_sampler_config(sampler_config, "" if args.calibrate else args.schedule)

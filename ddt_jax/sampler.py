@@ -1,37 +1,8 @@
 """The one DDT/DiT sampler: Euler ODE/SDE and Adams multistep, CFG with an interval, time shift,
 and reuse of DDT's encoder state (uniform or dynamic-programming recompute schedules).
 
-    from ddt_jax import sampler
-    config = sampler.default_sampler_config()       # the official XL/2-256 settings (250 steps, CFG 2.0)
-    config.num_steps, config.state_refresh_rate = 50, 2
-    x = sampler.sample(model, noise, labels, config)                  # noise (B, H, W, C) NHWC float
-    x = sampler.sample(model, noise, labels, sde_config, key=jax.random.key(0))   # solver "sde"
-
-    # A dynamic-programming recompute schedule (the official "sharing" sampler), solved once:
-    states = sampler.calibrate(model, noise8, labels8, config)   # (num_steps, 2*8, tokens, hidden)
-    steps = sampler.solve_recompute_steps(states, config.num_steps // config.state_refresh_rate)
-    sampler.save_schedule("schedule.json", steps)
-    config.recompute_steps = sampler.load_schedule("schedule.json")
-
-`model` is the NNX DDT or DiT (`v, s = model(x, t, y)`; `model(x, t, y, s=s)` runs the decoder
-alone), `labels` are ints in [0, num_classes] (the null class `num_classes` is the unconditional
-label). Options keep the official names (stateful_flow_matching `EulerSampler`, `AdamLMSampler`):
-
-    num_steps             N; time grid linspace(0, 1 - last_step, N) then 1.0, shifted by
-    timeshift             t -> t / (t + (1 - t) * timeshift)
-    last_step             width of the final step before the shift; None = 1/N (Euler only; the
-                          official Adams sampler has no default, so "adams" needs it explicitly)
-    guidance              CFG scale on the batch [uncond, cond]: v = u + g * (c - u), applied only
-    guidance_interval_*   where min < t < max strictly (compared in float32, as torch does)
-    state_refresh_rate    K: the encoder runs at steps i with i % K == 0, the decoder alone reuses
-                          the cached state otherwise (DDT only)
-    recompute_steps       explicit recompute steps (must contain 0), e.g. from solve_recompute_steps;
-                          when given it replaces the i % K rule, as in the official sharing sampler
-    solver                "euler" (ODE), "sde", "sde_mean", "sde_preserve" (the official step
-                          functions; the final step is always the ODE step), or "adams"
-    order                 Adams-Bashforth order 1-4 (Lagrange pre-integration on the time grid)
-    w_scheduler           SDE diffusion weight w(t): "linear" = 1 - t (the official LinearScheduler's
-                          sigma, used by the official configs), "const" = 1
+The options keep the official names (stateful_flow_matching `EulerSampler`, `AdamLMSampler`); they
+are listed in `default_sampler_config`.
 
 Work the official loop does that we skip (results equal the official ones up to float rounding):
   * Outside the guidance interval (and everywhere when guidance == 1) the official code still runs
@@ -87,7 +58,28 @@ DEC_COND = 3    # decoder alone on the conditional half
 
 
 def default_sampler_config() -> ml_collections.ConfigDict:
-    """Sampler section of every config: the official DDT-XL/2 256px settings (FID 1.26)."""
+    """Sampler section of every config: the official DDT-XL/2 256px settings (FID 1.26).
+
+    The options, with the official names:
+
+        num_steps            N; time grid linspace(0, 1 - last_step, N) then 1.0, shifted by
+        timeshift            t -> t / (t + (1 - t) * timeshift)
+        last_step            width of the final step before the shift; None = 1/N (Euler only;
+                             the official Adams sampler has no default, so "adams" needs it
+                             explicitly)
+        guidance             CFG scale on the batch [uncond, cond]: v = u + g * (c - u), applied
+        guidance_interval_*  only where min < t < max strictly (compared in float32, as torch does)
+        state_refresh_rate   K: the encoder runs at steps i with i % K == 0, the decoder alone
+                             reuses the cached state otherwise (DDT only)
+        recompute_steps      explicit recompute steps (must contain 0), e.g. from
+                             solve_recompute_steps; when given it replaces the i % K rule, as in
+                             the official sharing sampler
+        solver               "euler" (ODE), "sde", "sde_mean", "sde_preserve" (the official step
+                             functions; the final step is always the ODE step), or "adams"
+        order                Adams-Bashforth order 1-4 (Lagrange pre-integration on the time grid)
+        w_scheduler          SDE diffusion weight w(t): "linear" = 1 - t (the official
+                             LinearScheduler's sigma, used by the official configs), "const" = 1
+    """
     return ml_collections.ConfigDict(dict(
         num_steps=250,
         guidance=2.0,                  # the 512px config uses 3.0
@@ -95,7 +87,7 @@ def default_sampler_config() -> ml_collections.ConfigDict:
         guidance_interval_max=1.0,
         timeshift=1.0,
         last_step=0.04,                # None: 1/num_steps
-        state_refresh_rate=1,          # 1: recompute the encoder at every step (the paper's FID runs)
+        state_refresh_rate=1,          # 1: recompute the encoder every step (the paper's FID runs)
         recompute_steps=None,          # list of step indices from solve_recompute_steps
         solver="euler",
         order=2,                       # Adams only
@@ -116,7 +108,17 @@ def _is_real(v) -> bool:
 
 
 def read_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
-    """Validates a sampler config (ConfigDict or mapping) into a plain dict with defaults filled in."""
+    """Validates a sampler config and fills in the defaults.
+
+    Args:
+      config: a ConfigDict or mapping with any of the options of `default_sampler_config`.
+
+    Returns:
+      A plain dict with every option; `recompute_steps`, when set, as a sorted list of ints.
+
+    Raises:
+      ValueError: for an unknown option or a value out of range (the message names it).
+    """
     defaults = default_sampler_config().to_dict()
     items = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     unknown = sorted(set(items) - set(defaults))
@@ -130,7 +132,8 @@ def read_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
         if not _is_real(c[name]) or not np.isfinite(c[name]):
             raise ValueError(f"{name} must be a finite number, got {c[name]!r}")
     if c["guidance_interval_min"] > c["guidance_interval_max"]:
-        raise ValueError(f"guidance interval is inverted: guidance_interval_min={c['guidance_interval_min']} > "
+        raise ValueError("guidance interval is inverted: "
+                         f"guidance_interval_min={c['guidance_interval_min']} > "
                          f"guidance_interval_max={c['guidance_interval_max']}")
     if c["timeshift"] <= 0:
         raise ValueError(f"timeshift must be > 0, got {c['timeshift']}")
@@ -139,12 +142,14 @@ def read_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
     if c["w_scheduler"] not in W_SCHEDULERS:
         raise ValueError(f"w_scheduler must be one of {W_SCHEDULERS}, got {c['w_scheduler']!r}")
     if not _is_int(c["order"]) or not 1 <= c["order"] <= MAX_ADAMS_ORDER:
-        raise ValueError(f"order must be an integer in [1, {MAX_ADAMS_ORDER}], got {c['order']!r}")
+        raise ValueError(f"order must be an integer in [1, {MAX_ADAMS_ORDER}], "
+                         f"got {c['order']!r}")
     last = c["last_step"]
     if last is None:
         if c["solver"] == "adams":
             # The official AdamLMSampler reads self.last_step without ever setting a default.
-            raise ValueError("solver 'adams' needs an explicit last_step (e.g. 0.04); it has no default")
+            raise ValueError("solver 'adams' needs an explicit last_step (e.g. 0.04); "
+                             "it has no default")
     elif not _is_real(last) or not 0.0 < last < 1.0:
         raise ValueError(f"last_step must be None or in (0, 1), got {last!r}")
     k = c["state_refresh_rate"]
@@ -157,9 +162,11 @@ def read_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
             raise ValueError(f"recompute_steps must be integers, got {steps!r}")
         steps = [int(s) for s in steps]
         if len(set(steps)) != len(steps) or any(not 0 <= s < n for s in steps):
-            raise ValueError(f"recompute_steps must be distinct step indices in [0, {n}), got {steps}")
+            raise ValueError(f"recompute_steps must be distinct step indices in [0, {n}), "
+                             f"got {steps}")
         if 0 not in steps:
-            raise ValueError(f"recompute_steps must contain step 0 (no encoder state exists before it), got {steps}")
+            raise ValueError("recompute_steps must contain step 0 (no encoder state exists "
+                             f"before it), got {steps}")
         c["recompute_steps"] = sorted(steps)
     return c
 
@@ -211,8 +218,9 @@ def adams_coefficients(grid: np.ndarray, order: int) -> np.ndarray:
 class _Program:
     """The static part of a run: with the input shapes, the key of the jit cache.
 
-    Per-step numbers (times, CFG scales, which branch) travel as arrays, so configs that differ only
-    in them (guidance, interval, shift, refresh rate with the same kinds of step) share one program.
+    Per-step numbers (times, CFG scales, which branch) travel as arrays, so configs that differ
+    only in them (guidance, interval, shift, refresh rate with the same kinds of step) share one
+    program.
     """
     kind: str                       # "euler", "sde" (the three SDE steps) or "adams"
     noisy: bool                     # draws Gaussian noise every step
@@ -279,7 +287,8 @@ def _make_plan(model, c: dict, *, skip_unused: bool, all_recompute: bool = False
     else:
         t = grid[:-1]
     # torch compares a float32 tensor with a python float in float32.
-    inside = (t > np.float32(c["guidance_interval_min"])) & (t < np.float32(c["guidance_interval_max"]))
+    inside = ((t > np.float32(c["guidance_interval_min"]))
+              & (t < np.float32(c["guidance_interval_max"])))
     scale = np.where(inside, np.float32(c["guidance"]), np.float32(1.0)).astype(np.float32)
     needs_uncond = inside & (c["guidance"] != 1.0) if skip_unused else np.ones(n, bool)
 
@@ -294,14 +303,16 @@ def _make_plan(model, c: dict, *, skip_unused: bool, all_recompute: bool = False
         else:
             modes.append(DEC_CFG if needs_uncond[i] else DEC_COND)
     used = tuple(sorted(set(modes)))
-    tables = dict(branch=np.asarray([used.index(m) for m in modes], np.int32), t=t, dt=dt, scale=scale)
+    tables = dict(branch=np.asarray([used.index(m) for m in modes], np.int32), t=t, dt=dt,
+                  scale=scale)
     kind = "adams" if c["solver"] == "adams" else "euler" if c["solver"] == "euler" else "sde"
     if kind == "adams":
         tables["coeffs"] = adams_coefficients(grid, c["order"]).astype(np.float32)
     elif kind == "sde":
         tables.update(_sde_tables(t, dt, c))
-    program = _Program(kind=kind, noisy=c["solver"] in NOISY_SOLVERS and n > 1, decoupled=decoupled,
-                       null_class=int(model.num_classes), modes=used, collect_states=collect_states)
+    program = _Program(kind=kind, noisy=c["solver"] in NOISY_SOLVERS and n > 1,
+                       decoupled=decoupled, null_class=int(model.num_classes), modes=used,
+                       collect_states=collect_states)
     return program, tables
 
 
@@ -317,7 +328,8 @@ def _branches(graphdef, program: _Program, labels):
     decoupled = program.decoupled
 
     def full_cfg(params, x, t, scale, s_u, s_c):
-        v2, s2 = nnx.merge(graphdef, params)(jnp.concatenate([x, x]), jnp.concatenate([t, t]), labels2)
+        v2, s2 = nnx.merge(graphdef, params)(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                                             labels2)
         u, c = v2[:b], v2[b:]
         if decoupled:
             s_u, s_c = s2[:b], s2[b:]
@@ -325,12 +337,13 @@ def _branches(graphdef, program: _Program, labels):
 
     def full_cond(params, x, t, scale, s_u, s_c):
         v, s = nnx.merge(graphdef, params)(x, t, labels)
-        # The unconditional half (if carried) goes stale: no step reads it before the next recompute.
+        # The unconditional half (if carried) goes stale: no step reads it before the next
+        # recompute.
         return v, s_u, (s if decoupled else s_c)
 
     def dec_cfg(params, x, t, scale, s_u, s_c):
-        v2, _ = nnx.merge(graphdef, params)(jnp.concatenate([x, x]), jnp.concatenate([t, t]), labels2,
-                                            s=jnp.concatenate([s_u, s_c]))
+        v2, _ = nnx.merge(graphdef, params)(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                                            labels2, s=jnp.concatenate([s_u, s_c]))
         u, c = v2[:b], v2[b:]
         return u + scale * (c - u), s_u, s_c
 
@@ -350,7 +363,8 @@ def _run(graphdef, program: _Program, params, tables, noise, labels, key, step_n
 
     s_u = s_c = None
     if program.decoupled:
-        s_shape = jax.eval_shape(lambda p, x_: nnx.merge(graphdef, p)(x_, jnp.zeros((b,)), labels)[1], params, x)
+        s_shape = jax.eval_shape(
+            lambda p, x_: nnx.merge(graphdef, p)(x_, jnp.zeros((b,)), labels)[1], params, x)
         s_c = jnp.zeros(s_shape.shape, s_shape.dtype)
         if program.uncond_state:
             s_u = jnp.zeros(s_shape.shape, s_shape.dtype)
@@ -362,8 +376,8 @@ def _run(graphdef, program: _Program, params, tables, noise, labels, key, step_n
         x, s_u, s_c, hist = carry
         tab = {name: value[i] for name, value in tables.items()}
         dt = tab["dt"]
-        v, s_u, s_c = jax.lax.switch(tab["branch"], branches, params, x, jnp.full((b,), tab["t"]), tab["scale"],
-                                     s_u, s_c)
+        v, s_u, s_c = jax.lax.switch(tab["branch"], branches, params, x, jnp.full((b,), tab["t"]),
+                                     tab["scale"], s_u, s_c)
         if program.kind == "adams":
             hist = jnp.concatenate([hist[1:], v[None]])
             v = jnp.zeros_like(v)
@@ -375,7 +389,8 @@ def _run(graphdef, program: _Program, params, tables, noise, labels, key, step_n
             x_next = x_next + tab["k"] * score * tab["w"] * dt
             if program.noisy:
                 # The final step (an ODE step) has noise_scale 0; step_noise has no slot for it.
-                eps = (step_noise[jnp.minimum(i, n - 2)].astype(jnp.float32) if step_noise is not None
+                eps = (step_noise[jnp.minimum(i, n - 2)].astype(jnp.float32)
+                       if step_noise is not None
                        else jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32))
                 x_next = x_next + tab["noise_scale"] * eps
         out = jnp.concatenate([s_u, s_c]) if program.collect_states else None
@@ -401,47 +416,65 @@ def _execute(model, program, tables, noise, labels, key=None, step_noise=None):
 def _check_model_inputs(model, noise, labels):
     for attr in ("is_decoupled", "num_classes", "in_channels", "patch_size"):
         if not hasattr(model, attr):
-            raise TypeError(f"model must be a ddt_jax DDT/DiT module (missing `{attr}`), got {type(model).__name__}")
+            raise TypeError(f"model must be a ddt_jax DDT/DiT module (missing `{attr}`), "
+                            f"got {type(model).__name__}")
     shape = tuple(np.shape(noise))
     if len(shape) != 4:
         raise ValueError(f"noise must be NHWC (B, H, W, C), got shape {shape}")
     c = model.in_channels
     if shape[-1] != c:
         hint = "; it looks NCHW: use noise.transpose(0, 2, 3, 1)" if shape[1] == c else ""
-        raise ValueError(f"noise has {shape[-1]} channels (last axis) but the model expects {c}: noise must "
-                         f"be NHWC, got shape {shape}{hint}")
+        raise ValueError(f"noise has {shape[-1]} channels (last axis) but the model expects {c}: "
+                         f"noise must be NHWC, got shape {shape}{hint}")
     p = model.patch_size
     if shape[1] % p or shape[2] % p:
-        raise ValueError(f"noise size {shape[1]}x{shape[2]} is not divisible by the patch size {p}")
+        raise ValueError(f"noise size {shape[1]}x{shape[2]} is not divisible by the patch "
+                         f"size {p}")
     if not jnp.issubdtype(jnp.result_type(noise), jnp.floating):
         raise TypeError(f"noise must be floating point, got {jnp.result_type(noise)}")
     if tuple(np.shape(labels)) != (shape[0],):
-        raise ValueError(f"labels must have shape ({shape[0]},) to match the noise batch, got {np.shape(labels)}")
+        raise ValueError(f"labels must have shape ({shape[0]},) to match the noise batch, "
+                         f"got {np.shape(labels)}")
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise TypeError(f"labels must be integers, got {jnp.result_type(labels)}")
     # Range check on the host when every value is visible here (not for multi-host global arrays).
     if not isinstance(labels, jax.Array) or labels.is_fully_addressable:
         values = np.asarray(labels)
         if values.size and (values.min() < 0 or values.max() > model.num_classes):
-            raise ValueError(f"labels must be in [0, {model.num_classes}] ({model.num_classes} = the null "
-                             f"class), got values in [{values.min()}, {values.max()}]")
+            raise ValueError(f"labels must be in [0, {model.num_classes}] ({model.num_classes} = "
+                             f"the null class), got values in [{values.min()}, {values.max()}]")
     return jnp.asarray(labels, jnp.int32)
 
 
 def _check_reuse(model, c: dict):
-    if not model.is_decoupled and (c["state_refresh_rate"] != 1 or c["recompute_steps"] is not None):
-        raise ValueError("the DiT baseline has no encoder state to reuse: use state_refresh_rate=1 and "
-                         "recompute_steps=None")
+    if not model.is_decoupled and (c["state_refresh_rate"] != 1
+                                   or c["recompute_steps"] is not None):
+        raise ValueError("the DiT baseline has no encoder state to reuse: use state_refresh_rate=1 "
+                         "and recompute_steps=None")
 
 
 def sample(model, noise, labels, config, key=None, *, step_noise=None, skip_unused: bool = True):
-    """Samples x at t = 1 from `noise` (B, H, W, C) NHWC at t = 0; returns float32 (B, H, W, C).
+    """Samples x at t = 1 from `noise` at t = 0.
 
-    key: a jax PRNG key; needed by the "sde" and "sde_preserve" solvers (step i draws from
-      fold_in(key, i)). step_noise: instead of key, the Gaussian noise of every step but the final
-      (ODE) one, (num_steps - 1, B, H, W, C): reproduces a trajectory recorded elsewhere.
-    skip_unused: False runs the official's doubled-batch work at every step (see the module docstring).
-    Compiled once per (model structure, shapes, kinds of step); inputs may be sharded over the batch.
+    Compiled once per (model structure, shapes, kinds of step); inputs may be sharded over the
+    batch.
+
+    Args:
+      model: the NNX DDT or DiT (`v, s = model(x, t, y)`; `model(x, t, y, s=s)` runs the decoder
+        alone).
+      noise: (B, H, W, C) NHWC floating-point noise.
+      labels: (B,) ints in [0, num_classes]; the null class `num_classes` is the unconditional
+        label.
+      config: a sampler config, ConfigDict or mapping (see `default_sampler_config`).
+      key: a jax PRNG key; needed by the "sde" and "sde_preserve" solvers (step i draws from
+        fold_in(key, i)).
+      step_noise: instead of key, the Gaussian noise of every step but the final (ODE) one,
+        (num_steps - 1, B, H, W, C): reproduces a trajectory recorded elsewhere.
+      skip_unused: False runs the official's doubled-batch work at every step (see the module
+        docstring).
+
+    Returns:
+      The samples, float32 (B, H, W, C).
     """
     c = read_config(config)
     labels = _check_model_inputs(model, noise, labels)
@@ -455,7 +488,8 @@ def sample(model, noise, labels, config, key=None, *, step_noise=None, skip_unus
                                  f"got {np.shape(step_noise)}")
             key = None
         elif key is None:
-            raise ValueError(f"solver {c['solver']!r} draws noise at every step: pass key=jax.random.key(seed)")
+            raise ValueError(f"solver {c['solver']!r} draws noise at every step: "
+                             "pass key=jax.random.key(seed)")
     else:
         key = step_noise = None  # deterministic: nothing to draw
     return _execute(model, program, tables, noise, labels, key, step_noise)
@@ -464,16 +498,30 @@ def sample(model, noise, labels, config, key=None, *, step_noise=None, skip_unus
 def calibrate(model, noise, labels, config, key=None):
     """Encoder states at every step of a run that recomputes the encoder at every step.
 
-    Returns (num_steps, 2B, tokens, hidden) over the CFG batch [uncond, cond], the statistic the
-    official sharing sampler collects (it uses 8 random samples). Feed it to solve_recompute_steps.
+    This is the statistic the official sharing sampler collects (it uses 8 random samples); feed
+    it to `solve_recompute_steps`.
+
+    Args:
+      model: a DDT (the DiT baseline has no encoder state).
+      noise: (B, H, W, C) NHWC floating-point noise, as for `sample`.
+      labels: (B,) ints in [0, num_classes], as for `sample`.
+      config: a sampler config; its state_refresh_rate and recompute_steps are ignored (every step
+        recomputes, on the doubled CFG batch).
+      key: a jax PRNG key, needed by the "sde" and "sde_preserve" solvers.
+
+    Returns:
+      The states, (num_steps, 2B, tokens, hidden) over the CFG batch [uncond, cond].
     """
     c = read_config(config)
     labels = _check_model_inputs(model, noise, labels)
     if not model.is_decoupled:
-        raise ValueError("calibrate needs a DDT (model.is_decoupled): the DiT baseline has no encoder state")
-    program, tables = _make_plan(model, c, skip_unused=False, all_recompute=True, collect_states=True)
+        raise ValueError("calibrate needs a DDT (model.is_decoupled): the DiT baseline has no "
+                         "encoder state")
+    program, tables = _make_plan(model, c, skip_unused=False, all_recompute=True,
+                                 collect_states=True)
     if program.noisy and key is None:
-        raise ValueError(f"solver {c['solver']!r} draws noise at every step: pass key=jax.random.key(seed)")
+        raise ValueError(f"solver {c['solver']!r} draws noise at every step: "
+                         "pass key=jax.random.key(seed)")
     return _execute(model, program, tables, noise, labels, key if program.noisy else None)
 
 
@@ -491,18 +539,20 @@ def _cosine_similarity_matrix(states: np.ndarray, chunk_tokens: int = 4096) -> n
 
 
 def solve_recompute_steps(states, num_recompute: int) -> list[int]:
-    """The official dynamic programme: which `num_recompute` steps recompute the encoder (step 0 forced).
+    """The official dynamic programme: which `num_recompute` steps recompute the encoder.
 
-    error[i][j] = 1 - cos(state_i, state_j) averaged over tokens; reusing the state of step j up to
-    step i costs sum_{k=j..i} error[k][j]; the DP minimises the total over the N steps and breaks
-    ties towards the earliest step, as the official loop does. states: (N, batch, tokens, hidden).
+    Step 0 always recomputes. error[i][j] = 1 - cos(state_i, state_j) averaged over tokens;
+    reusing the state of step j up to step i costs sum_{k=j..i} error[k][j]; the DP minimises the
+    total over the N steps and breaks ties towards the earliest step, as the official loop does.
+    states: (N, batch, tokens, hidden).
     """
     states = np.asarray(states)
     if states.ndim < 2:
         raise ValueError(f"states must be (num_steps, ..., hidden), got shape {states.shape}")
     n = states.shape[0]
     if not _is_int(num_recompute) or not 1 <= num_recompute <= n:
-        raise ValueError(f"num_recompute must be an integer in [1, {n}] (num_steps), got {num_recompute!r}")
+        raise ValueError(f"num_recompute must be an integer in [1, {n}] (num_steps), "
+                         f"got {num_recompute!r}")
     err = 1.0 - _cosine_similarity_matrix(states)
     # cum[i, j] (j <= i): error of serving steps j..i with the state computed at step j.
     cum = err.copy()
@@ -529,7 +579,8 @@ def save_schedule(path: str | os.PathLike, steps: Sequence[int]) -> None:
     """Writes recompute steps as JSON ({"recompute_steps": [...]}) for sample.py --schedule."""
     steps = [int(s) for s in steps]
     if not steps or steps[0] != 0 or sorted(set(steps)) != steps:
-        raise ValueError(f"a schedule is increasing distinct step indices starting at 0, got {steps}")
+        raise ValueError("a schedule is increasing distinct step indices starting at 0, "
+                         f"got {steps}")
     pathlib.Path(path).write_text(json.dumps({"recompute_steps": steps}) + "\n")
 
 
@@ -539,7 +590,8 @@ def load_schedule(path: str | os.PathLike) -> list[int]:
     if not isinstance(data, dict) or "recompute_steps" not in data:
         raise ValueError(f"{path}: expected a JSON object with 'recompute_steps'")
     steps = data["recompute_steps"]
-    if (not isinstance(steps, list) or not steps or not all(_is_int(s) for s in steps) or steps[0] != 0
-            or sorted(set(steps)) != steps):
-        raise ValueError(f"{path}: recompute_steps must be increasing distinct integers starting at 0, got {steps}")
+    if (not isinstance(steps, list) or not steps or not all(_is_int(s) for s in steps)
+            or steps[0] != 0 or sorted(set(steps)) != steps):
+        raise ValueError(f"{path}: recompute_steps must be increasing distinct integers starting "
+                         f"at 0, got {steps}")
     return steps

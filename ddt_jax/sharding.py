@@ -1,17 +1,12 @@
 """Device mesh, logical-axis rules and batch placement (MaxText vocabulary: data, fsdp, tensor).
 
 Every parameter names its axes logically (`embed`, `mlp`, `qkv`, `heads`, ...; see
-ddt_jax/models/layers.py). A config's `mesh.rules` map those names to mesh axes, so the same model runs
-data-parallel on one host, FSDP on a pod, or with tensor parallelism, by changing the config only:
-
-    mesh = sharding.create_mesh(config.mesh)                  # ('data', 'fsdp', 'tensor'), Auto axes
-    shardings = sharding.logical_to_named(abstract_state, mesh, config.mesh.rules)
-    batch = sharding.host_to_global(local_numpy_batch, mesh)  # leading axis over ('data', 'fsdp')
+ddt_jax/models/layers.py). A config's `mesh.rules` map those names to mesh axes, so the same model
+runs data-parallel on one host, FSDP on a pod, or with tensor parallelism, by changing the config
+only.
 
 The batch is split over `data` and `fsdp` together (FSDP is data parallelism whose replicas also
 split the weights); `tensor` devices see the same examples.
-
-Tests: .venv/bin/python -m pytest tests/test_sharding.py -q
 """
 from __future__ import annotations
 
@@ -34,14 +29,15 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     sizes = [int(mesh_config[a]) for a in MESH_AXES]
     free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
     if len(free) > 1:
-        raise ValueError(f"at most one mesh axis may be -1 (the rest of the devices); got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError("at most one mesh axis may be -1 (the rest of the devices); "
+                         f"got {dict(zip(MESH_AXES, sizes))}")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes must be positive or -1; got {dict(zip(MESH_AXES, sizes))}")
     fixed = math.prod(s for s in sizes if s != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by "
-                             f"the fixed axes' product {fixed}")
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
+                             f"divisible by the fixed axes' product {fixed}")
         sizes[MESH_AXES.index(free[0])] = num_devices // fixed
     if math.prod(sizes) != num_devices:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
@@ -50,19 +46,30 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
 
 
 def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh with Auto axes (Explicit axes turn constraints into asserts)."""
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axes.
+
+    Not Explicit axes: those turn sharding constraints into asserts.
+    """
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_config, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def rules_dict(rules) -> dict[str, tuple[str, ...]]:
-    """Config rules ((logical, mesh_axis | (mesh_axes...) | None), ...) -> {logical: (mesh axes...)}."""
+    """Config rules -> {logical: (mesh axes...)}.
+
+    Each rule is (logical, mesh_axis | (mesh_axes...) | None).
+    """
     out = {}
     for rule in rules:
         if len(rule) != 2:
             raise ValueError(f"each logical-axis rule is (logical_name, mesh_axes); got {rule!r}")
         name, axes = rule
+        if name == "batch":
+            raise ValueError(
+                f"mesh.rules has a rule for 'batch' ({rule!r}), but the batch is always split over "
+                f"{BATCH_AXES} (the data-parallel axes; see sharding.batch_sharding): remove it")
         if axes is None:
             axes = ()
         elif isinstance(axes, str):
@@ -70,7 +77,8 @@ def rules_dict(rules) -> dict[str, tuple[str, ...]]:
         axes = tuple(axes)
         unknown = [a for a in axes if a not in MESH_AXES]
         if unknown:
-            raise ValueError(f"rule for {name!r} names unknown mesh axes {unknown}; mesh axes are {MESH_AXES}")
+            raise ValueError(f"rule for {name!r} names unknown mesh axes {unknown}; "
+                             f"mesh axes are {MESH_AXES}")
         out[name] = axes
     return out
 
@@ -84,7 +92,8 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: j
     label table over fsdp=8): uneven shards would cost padding and surprise checkpoint readers.
     """
     if len(logical) != len(shape):
-        raise ValueError(f"{what}: {len(logical)} logical axis names {tuple(logical)} for shape {tuple(shape)}")
+        raise ValueError(f"{what}: {len(logical)} logical axis names {tuple(logical)} "
+                         f"for shape {tuple(shape)}")
     used, spec = set(), []
     for name, dim in zip(logical, shape):
         if name is None:
@@ -96,7 +105,8 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: j
         axes = tuple(a for a in rules[name] if a not in used and mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in axes)
         if axes and dim % size:
-            logging.info("%s: axis %r (%d) does not divide over %s (%d): replicated", what, name, dim, axes, size)
+            logging.info("%s: axis %r (%d) does not divide over %s (%d): replicated",
+                         what, name, dim, axes, size)
             axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -110,7 +120,7 @@ def _variable_axes(variable) -> tuple | None:
 
 
 def logical_to_named(state, mesh: jax.sharding.Mesh, rules) -> object:
-    """NamedShardings for an nnx.State (abstract or concrete) from its params' logical-axis metadata.
+    """NamedShardings for an nnx.State (abstract or concrete) from its params' logical-axis names.
 
     Variables without metadata are replicated. Returns a tree of the same structure as `state`.
     """
@@ -146,16 +156,18 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh,
     dp = data_parallel_size(mesh)
     if global_batch_size % dp:
         raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by the {dp} data-parallel devices "
-            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); choose a multiple of {dp}")
+            f"global batch size {global_batch_size} is not divisible by the {dp} data-parallel "
+            f"devices (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); "
+            f"choose a multiple of {dp}")
     if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} "
-                         "processes (hosts); each host loads an equal share")
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                         f"{process_count} processes (hosts); each host loads an equal share")
     return global_batch_size // process_count
 
 
-def host_to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Per-process numpy batch (this host's contiguous share) -> global arrays sharded over (data, fsdp).
+def host_to_global(batch: Mapping[str, np.ndarray],
+                   mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Per-process numpy batch (this host's contiguous share) -> global arrays over (data, fsdp).
 
     Each process passes its local rows; `make_array_from_process_local_data` places them on the
     process's devices, so the global batch is the concatenation over processes in process order.
@@ -169,6 +181,26 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> 
     return out
 
 
+def host_to_sharded(tree, shardings):
+    """Host (numpy) values -> global arrays in `shardings` (one sharding, or a matching tree).
+
+    Every process holds the whole tree; each device copies its own shard from its host
+    (`jax.make_array_from_callback`), so nothing is gathered or sent between hosts.
+    """
+    def put(value, sharding):
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda v: put(v, shardings), tree)
+    return jax.tree.map(put, tree, shardings)
+
+
+def host_to_replicated(tree, mesh: jax.sharding.Mesh):
+    """Host (or device) values -> arrays replicated over every device of `mesh`."""
+    return host_to_sharded(tree, replicated(mesh))
+
+
 def bytes_per_device(tree) -> int:
     """Bytes one device holds for a tree of (abstract or concrete) arrays with NamedShardings."""
     total = 0
@@ -180,14 +212,19 @@ def bytes_per_device(tree) -> int:
 
 
 # Environment variables that mean "one of several processes" on the clusters JAX auto-detects.
-_CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+_CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                  "JAX_COORDINATOR_ADDRESS")
 
 
 def multiprocess_environment() -> bool:
-    """True where jax.distributed.initialize() can find its peers by itself (TPU pods, SLURM, Open MPI)."""
+    """True where jax.distributed.initialize() can find its peers by itself.
+
+    That is on TPU pods, SLURM and Open MPI clusters with more than one process.
+    """
     value = {name: os.environ.get(name, "") for name in _CLUSTER_HINTS}
     return ("," in value["TPU_WORKER_HOSTNAMES"]
-            or any(value[n].isdigit() and int(value[n]) > 1 for n in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+            or any(value[n].isdigit() and int(value[n]) > 1
+                   for n in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
             or bool(value["JAX_COORDINATOR_ADDRESS"]))
 
 
@@ -196,7 +233,7 @@ def initialize_processes(coordinator_address: str | None = None, num_processes: 
     """jax.distributed.initialize for the entry points: explicit peers, an auto-detected cluster, or
     nothing (one process). Must run before anything touches a JAX backend."""
     if coordinator_address:
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
     elif multiprocess_environment():
         jax.distributed.initialize()

@@ -1,7 +1,5 @@
 """Pixel-space shards of the embedded MNIST digits: the small demo dataset (32x32x1, 10 classes).
 
-    python -m input_pipeline.mnist --output /tmp/mnist_train [--split train] [--num_shards 4]
-
 Each 28x28 digit becomes `x / 127.5 - 1` in [-1, 1], zero-padded by 2 pixels on every side to 32x32
 (the padding is background, -1 after scaling), so a patch-2 model sees a 16x16 token grid. Running
 it again on a complete dataset with the same info does nothing.
@@ -34,7 +32,8 @@ def to_pixels(images: np.ndarray) -> np.ndarray:
     return (padded.astype(np.float32) / 127.5 - 1.0)[..., None]
 
 
-def _is_complete(out_dir: str | os.PathLike, expected: dict, num_records: int, num_shards: int) -> bool:
+def _is_complete(out_dir: str | os.PathLike, expected: dict, num_records: int,
+                 num_shards: int) -> bool:
     """True if `out_dir` holds a finished dataset with this info; False if it holds none."""
     try:
         info = records.read_info(out_dir)
@@ -50,10 +49,19 @@ def _is_complete(out_dir: str | os.PathLike, expected: dict, num_records: int, n
 
 def write_mnist_shards(out_dir: str | os.PathLike, split: str = "train", num_shards: int = 4,
                        *, overwrite: bool = False) -> tuple[dict, bool]:
-    """Writes the `split` digits as pixel shards to `out_dir`; returns (info, whether it wrote anything).
+    """Writes the `split` digits as pixel shards to `out_dir`.
 
-    A complete dataset with the same info is left alone; a different dataset there is an error unless
-    `overwrite`.
+    A complete dataset with the same info is left alone; a different dataset there is an error
+    unless `overwrite`.
+
+    Args:
+      out_dir: the dataset directory (created if missing).
+      split: 'train' (8,000 digits), 'test' (the 2,000 held out) or 'all'.
+      num_shards: the number of ArrayRecord shards.
+      overwrite: replace a different dataset already in `out_dir`.
+
+    Returns:
+      (info, wrote): the dataset info, and whether anything was written.
     """
     images, labels = mnist_digits.load_mnist(split)
     expected = mnist_info(split)
@@ -66,7 +74,8 @@ def write_mnist_shards(out_dir: str | os.PathLike, split: str = "train", num_sha
 
 def _define_flags() -> None:
     # Defined only when run as a script, so importing this module never adds global absl flags.
-    flags.DEFINE_string("output", None, "directory for the shards and dataset_info.json", required=True)
+    flags.DEFINE_string("output", None, "directory for the shards and dataset_info.json",
+                        required=True)
     flags.DEFINE_enum("split", "train", ["train", "test", "all"], "which fixed split of the digits")
     flags.DEFINE_integer("num_shards", 4, "number of ArrayRecord shards")
     flags.DEFINE_bool("overwrite", False, "replace a different dataset already in --output")
@@ -81,7 +90,8 @@ def main(argv):
     except FileExistsError as e:
         raise app.UsageError(f"{e} (--overwrite replaces it)") from None
     verb = "wrote" if wrote else "already complete, skipped:"
-    spec = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in info["element_spec"].items())
+    spec = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}"
+                     for k, v in info["element_spec"].items())
     print(f"{verb} {info['num_records']} MNIST {f.split!r} examples in {info['num_shards']} shards "
           f"to {out_dir} ({spec})")
 

@@ -3,8 +3,6 @@
 The split is shared by everything that uses the digits: the diffusion model trains on `train`,
 the evaluation classifier is scored on `test`, and the Frechet distance of held-out real digits
 (`test` vs `train`) is the floor a generator is compared against.
-
-    images, labels = load_mnist("train")   # (8000, 28, 28) uint8, (8000,) int32
 """
 from __future__ import annotations
 
@@ -17,8 +15,12 @@ NUM_TEST = 2000      # 20% held out: enough for a stable 64-d Frechet estimate a
 SPLIT_SEED = 0
 
 
-def load_mnist(split: str = "all", path: str | pathlib.Path = MNIST_PATH) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (images uint8 (N, 28, 28), labels int32 (N,)) for split 'train', 'test' or 'all'."""
+def load_mnist(split: str = "all",
+               path: str | pathlib.Path = MNIST_PATH) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (images uint8 (N, 28, 28), labels int32 (N,)) for split 'train', 'test' or 'all'.
+
+    N is 8,000 for 'train', 2,000 for 'test' and 10,000 for 'all'.
+    """
     if split not in ("train", "test", "all"):
         raise ValueError(f"unknown MNIST split {split!r}; use 'train', 'test' or 'all'")
     with np.load(path) as f:

@@ -1,33 +1,20 @@
 """The training input pipeline: a checkpointable grain iterator of per-process batches.
 
-    it = create_train_iterator(config.data, global_batch_size=256, process_index=jax.process_index(),
-                               process_count=jax.process_count(), seed=config.seed)
-    batch = next(it)   # {"label": (256 // process_count,) int32, "moments": (..., 32, 32, 8), ...}
-
 Order of operations (grain MapDataset, so every element is addressed by index and the iterator state
 is one integer per process): source -> shuffle (a new permutation every epoch) -> this process's
-slice `[process_index::process_count]` of each permutation -> repeat forever -> batch -> threads (and
-optionally worker processes) that read batches ahead. Batching before the prefetch makes a batch's
-contents independent of `read_threads` and `worker_count`.
+slice `[process_index::process_count]` of each permutation -> repeat forever -> batch -> threads
+(and optionally worker processes) that read batches ahead. Batching before the prefetch makes a
+batch's contents independent of `read_threads` and `worker_count`.
 
-Saving the iterator with the model (see `ddt_jax/checkpoint.py`), inside one ocp.CheckpointManager:
-
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            data=grain.checkpoint.CheckpointSave(it)))
-    mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                               data=grain.checkpoint.CheckpointRestore(it)))
-
-Each process writes its own `data/process_{i}-of-{n}.json`. A restore needs the same data config,
+The iterator is saved with the model inside one orbax CheckpointManager (`ddt_jax/checkpoint.py`);
+each process writes its own `data/process_{i}-of-{n}.json`. A restore needs the same data config,
 seed, global batch size and process count as the save (the state is a position in that sequence).
-
-Tests: .venv/bin/python -m pytest tests/test_input_pipeline.py -q
 """
 from __future__ import annotations
 
+import grain
 import jax
 import ml_collections
-import numpy as np
-import grain
 
 from input_pipeline import records
 from input_pipeline import synthetic
@@ -36,23 +23,28 @@ from input_pipeline import synthetic
 def default_data_config() -> ml_collections.ConfigDict:
     """Every data field with its default (ImageNet 256 latents); configs override what they need."""
     c = ml_collections.ConfigDict()
-    c.source = "array_record"   # "array_record": shards in `path`; "synthetic": generated on the fly, no files
-    c.path = ""                 # directory holding data-*.array_record and dataset_info.json
+    # "array_record": shards in `path`; "synthetic": generated on the fly, no files.
+    c.source = "array_record"
+    # Directory holding data-*.array_record and dataset_info.json (array_record only); None = unset.
+    c.path = ml_collections.config_dict.placeholder(str)
     c.kind = "latent"           # "latent" (VAE moments) or "pixel"; must match dataset_info.json
-    c.image_size = 256          # pixel resolution of the images; latents are image_size // latent_downsample
-    c.channels = 4              # channels the model sees: 4 SD-VAE latent channels, or 1 / 3 for pixels
+    # Pixel resolution of the images; latents are image_size // latent_downsample.
+    c.image_size = 256
+    c.channels = 4              # model channels: 4 SD-VAE latent channels, or 1 / 3 for pixels
     c.latent_downsample = 8     # SD-VAE spatial factor; shapes synthetic latents
-    c.num_classes = 1000        # labels lie in [0, num_classes); the null (CFG) class is num_classes
-    c.with_image = False        # yield the uint8 'image' field (the REPA DINOv2 target); dropped when False
+    c.num_classes = 1000        # labels in [0, num_classes); the null (CFG) class is num_classes
+    # Yield the uint8 'image' field (the REPA DINOv2 target); dropped when False.
+    c.with_image = False
     c.num_records = 10_000      # synthetic only: dataset size
     c.synthetic_seed = 0        # synthetic only: fixes the content, like a dataset on disk
-    # Shuffle seed; unset uses the `seed` given to create_train_iterator (the run seed). Set it to keep
-    # the data order fixed while the model seed varies.
+    # Shuffle seed; unset uses the `seed` given to create_train_iterator (the run seed). Set it to
+    # keep the data order fixed while the model seed varies.
     c.shuffle_seed = ml_collections.config_dict.placeholder(int)
     # Threads reading batches in each process; a thread reads a whole batch. On 2 slow cores, 256px
     # latents + images: 1 thread 510 examples/s, 8 threads 640-800, 8 threads + 2 workers 290-670.
     c.read_threads = 8
-    c.prefetch = 8              # batches read ahead per process (holds prefetch x per-process batch in RAM)
+    # Batches read ahead per process (holds prefetch x per-process batch in RAM).
+    c.prefetch = 8
     # Worker processes (0: read in the training process). Add them when decoding becomes CPU-bound
     # (threads share the GIL); the resume state is per worker, so keep it fixed across a restore.
     c.worker_count = 0
@@ -60,7 +52,10 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def _check_against_info(data_config: ml_collections.ConfigDict, info: dict) -> None:
-    """Raises if the config describes different data than the shards hold (a silent mismatch trains junk)."""
+    """Raises if the config describes different data than the shards hold.
+
+    A silent mismatch trains junk.
+    """
     spec = records.spec_from_json(info["element_spec"])
     main = spec["moments" if info["kind"] == "latent" else "pixels"]
     data_channels = main.shape[-1] // 2 if info["kind"] == "latent" else main.shape[-1]
@@ -70,20 +65,28 @@ def _check_against_info(data_config: ml_collections.ConfigDict, info: dict) -> N
              ("channels", data_config.channels, data_channels)]
     for name, want, have in pairs:
         if want != have:
-            raise ValueError(f"data config says {name}={want!r} but {data_config.path}/{records.INFO_FILENAME} "
-                             f"says {have!r}: set --config.data.{name}={have!r} or point data.path at the "
-                             "right dataset")
+            raise ValueError(f"data config says {name}={want!r} but "
+                             f"{data_config.path}/{records.INFO_FILENAME} says {have!r}: set "
+                             f"--config.data.{name}={have!r} or point data.path at the right "
+                             "dataset")
     if data_config.with_image and "image" not in spec:
-        raise ValueError(f"data.with_image is set (REPA needs the raw image) but {data_config.path} has no "
-                         "'image' field: cache the dataset with images or set data.with_image=False")
+        raise ValueError("data.with_image is set (REPA needs the raw image) but "
+                         f"{data_config.path} has no 'image' field: cache the dataset with images "
+                         "or set data.with_image=False")
+
+
+def _shard_directory(data_config: ml_collections.ConfigDict) -> str:
+    """`data.path` of an array_record config; None (unset) and "" are an error that says why."""
+    if not data_config.path:
+        raise ValueError("data.path is empty; point it at a shard directory ("
+                         + records.HOW_TO_CREATE + ")")
+    return data_config.path
 
 
 def make_source(data_config: ml_collections.ConfigDict):
     """The random-access source the config describes (RecordSource or SyntheticSource)."""
     if data_config.source == "array_record":
-        if not data_config.path:
-            raise ValueError("data.path is empty; point it at a shard directory (" + records.HOW_TO_CREATE + ")")
-        source = records.RecordSource(data_config.path)
+        source = records.RecordSource(_shard_directory(data_config))
         _check_against_info(data_config, source.info)
         return source
     if data_config.source == "synthetic":
@@ -92,21 +95,36 @@ def make_source(data_config: ml_collections.ConfigDict):
             num_classes=data_config.num_classes, num_records=data_config.num_records,
             with_image=data_config.with_image, latent_downsample=data_config.latent_downsample,
             seed=data_config.synthetic_seed)
-    raise ValueError(f"unknown data.source {data_config.source!r}; use 'array_record' or 'synthetic'")
+    raise ValueError(f"unknown data.source {data_config.source!r}; "
+                     "use 'array_record' or 'synthetic'")
 
 
 def element_spec(data_config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """Per-example {field: ShapeDtypeStruct} of what the iterator yields, without reading a record."""
+    """What the iterator yields per example, without reading a record.
+
+    Args:
+      data_config: the data section (`default_data_config()` and overrides). For "array_record"
+        only `dataset_info.json` in `data.path` is read, and checked against the config.
+
+    Returns:
+      {field: jax.ShapeDtypeStruct} of one example, sorted by field; no 'image' unless
+      `data.with_image`.
+
+    Raises:
+      ValueError: the config is inconsistent with itself or with the dataset on disk, or an
+        array_record config has no `data.path`.
+    """
     if data_config.source == "array_record":
-        info = records.read_info(data_config.path)
+        info = records.read_info(_shard_directory(data_config))
         _check_against_info(data_config, info)
         spec = records.spec_from_json(info["element_spec"])
     elif data_config.source == "synthetic":
-        spec = synthetic.synthetic_spec(data_config.kind, data_config.image_size, data_config.channels,
-                                        with_image=data_config.with_image,
+        spec = synthetic.synthetic_spec(data_config.kind, data_config.image_size,
+                                        data_config.channels, with_image=data_config.with_image,
                                         latent_downsample=data_config.latent_downsample)
     else:
-        raise ValueError(f"unknown data.source {data_config.source!r}; use 'array_record' or 'synthetic'")
+        raise ValueError(f"unknown data.source {data_config.source!r}; "
+                         "use 'array_record' or 'synthetic'")
     if not data_config.with_image:
         spec.pop("image", None)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in sorted(spec.items())}
@@ -122,10 +140,12 @@ def create_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch
                          process_index: int, process_count: int, seed: int) -> grain.IterDataset:
     """The grain dataset behind `create_train_iterator` (for benchmarks and inspection)."""
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
+        raise ValueError(f"process_index {process_index} is outside "
+                         f"[0, process_count={process_count})")
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of process_count "
-                         f"{process_count}: every process must load the same number of examples")
+        raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of "
+                         f"process_count {process_count}: every process must load the same "
+                         "number of examples")
     shuffle_seed = seed if data_config.shuffle_seed is None else data_config.shuffle_seed
     if not 0 <= shuffle_seed < 2**32:
         raise ValueError(f"shuffle seed {shuffle_seed} must lie in [0, 2**32)")
@@ -134,8 +154,9 @@ def create_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch
         raise ValueError(f"{len(source)} records cannot be split over {process_count} processes")
 
     ds = grain.MapDataset.source(source)
-    # Shuffling before slicing gives every process a fresh random subset each epoch; grain reseeds the
-    # permutation per epoch (seed + epoch), and the slices of one permutation are disjoint and complete.
+    # Shuffling before slicing gives every process a fresh random subset each epoch; grain reseeds
+    # the permutation per epoch (seed + epoch), and the slices of one permutation are disjoint and
+    # complete.
     ds = ds.shuffle(seed=shuffle_seed)
     ds = ds[process_index::process_count]
     ds = ds.repeat()   # forever: the trainer counts steps, not epochs
@@ -146,16 +167,32 @@ def create_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                                    prefetch_buffer_size=data_config.prefetch))
     if data_config.worker_count > 0:
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+        iter_ds = iter_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=data_config.worker_count))
     return iter_ds
 
 
 def create_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
-                          process_index: int, process_count: int, seed: int) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator of this process's batches (dicts of numpy arrays).
+                          process_index: int, process_count: int,
+                          seed: int) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this process's batches.
 
-    Leading dim global_batch_size // process_count. State: `it.get_state()` / `it.set_state(s)`, or
-    grain.checkpoint.CheckpointSave / CheckpointRestore inside an orbax CheckpointManager (module doc).
+    Args:
+      data_config: the data section (`default_data_config()` and overrides).
+      global_batch_size: examples per step over all processes; a multiple of process_count.
+      process_index: this process, in [0, process_count).
+      process_count: the number of processes loading data (jax.process_count()).
+      seed: the shuffle seed unless `data.shuffle_seed` is set (the run seed).
+
+    Returns:
+      A grain iterator of dicts of numpy arrays with leading dim
+      global_batch_size // process_count. Its state is `it.get_state()` / `it.set_state(s)`, or
+      grain.checkpoint.CheckpointSave / CheckpointRestore inside an orbax CheckpointManager.
+
+    Raises:
+      ValueError: a bad config (an array_record config without `data.path` included), batch size
+        or process index.
     """
     return iter(create_train_dataset(data_config, global_batch_size=global_batch_size,
-                                     process_index=process_index, process_count=process_count, seed=seed))
+                                     process_index=process_index, process_count=process_count,
+                                     seed=seed))

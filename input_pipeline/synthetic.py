@@ -2,11 +2,7 @@
 
 Example `i` is a pure function of (seed, i): smooth random fields (a coarse 4x4 Gaussian grid,
 bilinearly upsampled, so neighbouring pixels correlate like images do) and a uniform label. The
-pipeline runs unchanged on it, without files:
-
-    source = SyntheticSource(kind="latent", image_size=256, channels=4, num_classes=1000,
-                             num_records=10_000, with_image=True)
-    source[0]  # {"label": () int32, "moments": (32, 32, 8) float32, "image": (256, 256, 3) uint8}
+pipeline runs unchanged on it, without files.
 """
 from __future__ import annotations
 
@@ -33,7 +29,8 @@ def _smooth_field(rng: np.random.Generator, size: int, channels: int) -> np.ndar
     """(size, size, channels) float32 with unit-scale values varying smoothly in space."""
     coarse = rng.standard_normal((COARSE, COARSE, channels))
     up = _upsample_matrix(size)
-    return np.einsum("hi,wj,ijc->hwc", up, up, coarse, optimize=True).astype(np.float32)   # 20x faster
+    # optimize=True: 20x faster.
+    return np.einsum("hi,wj,ijc->hwc", up, up, coarse, optimize=True).astype(np.float32)
 
 
 def synthetic_spec(kind: str, image_size: int, channels: int, *, with_image: bool = False,
@@ -41,11 +38,13 @@ def synthetic_spec(kind: str, image_size: int, channels: int, *, with_image: boo
     """The element spec a synthetic source (and a matching real dataset) has."""
     if kind == "latent":
         if image_size % latent_downsample:
-            raise ValueError(f"image_size {image_size} is not a multiple of latent_downsample {latent_downsample}")
+            raise ValueError(f"image_size {image_size} is not a multiple of latent_downsample "
+                             f"{latent_downsample}")
         h = image_size // latent_downsample
         spec = {"moments": records.FieldSpec((h, h, 2 * channels), np.dtype(np.float32))}
     elif kind == "pixel":
-        spec = {"pixels": records.FieldSpec((image_size, image_size, channels), np.dtype(np.float32))}
+        spec = {"pixels": records.FieldSpec((image_size, image_size, channels),
+                                            np.dtype(np.float32))}
     else:
         raise ValueError(f"unknown kind {kind!r}; use one of {records.KINDS}")
     spec["label"] = records.FieldSpec((), np.dtype(np.int32))
@@ -57,14 +56,16 @@ def synthetic_spec(kind: str, image_size: int, channels: int, *, with_image: boo
 class SyntheticSource:
     """grain random-access source of deterministic synthetic examples (see the module docstring)."""
 
-    def __init__(self, *, kind: str, image_size: int, channels: int, num_classes: int, num_records: int,
-                 with_image: bool = False, latent_downsample: int = 8, seed: int = 0):
+    def __init__(self, *, kind: str, image_size: int, channels: int, num_classes: int,
+                 num_records: int, with_image: bool = False, latent_downsample: int = 8,
+                 seed: int = 0):
         if num_records <= 0:
             raise ValueError(f"num_records must be positive, got {num_records}")
         self.spec = synthetic_spec(kind, image_size, channels, with_image=with_image,
                                    latent_downsample=latent_downsample)
         self.kind, self.image_size, self.channels = kind, image_size, channels
-        self.num_classes, self.num_records, self.with_image, self.seed = num_classes, num_records, with_image, seed
+        self.num_classes, self.num_records = num_classes, num_records
+        self.with_image, self.seed = with_image, seed
 
     def __len__(self) -> int:
         return self.num_records
@@ -88,5 +89,6 @@ class SyntheticSource:
         return {k: np.asarray(v) for k, v in out.items()}
 
     def __repr__(self) -> str:
-        return (f"SyntheticSource(kind={self.kind!r}, image_size={self.image_size}, channels={self.channels}, "
-                f"num_classes={self.num_classes}, num_records={self.num_records}, seed={self.seed})")
+        return (f"SyntheticSource(kind={self.kind!r}, image_size={self.image_size}, "
+                f"channels={self.channels}, num_classes={self.num_classes}, "
+                f"num_records={self.num_records}, seed={self.seed})")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddt_jax import checkpoint
+from ddt_jax import checkpoint as checkpoint_lib
 from ddt_jax import sharding
 from input_pipeline import pipeline
 
@@ -27,9 +27,10 @@ def ckpt_config(**kw):
 
 def data_iterator():
     cfg = pipeline.default_data_config()
-    cfg.update(source="synthetic", kind="pixel", image_size=8, channels=3, num_classes=10, num_records=40,
-               read_threads=1, prefetch=2)
-    return pipeline.create_train_iterator(cfg, global_batch_size=4, process_index=0, process_count=1, seed=0)
+    cfg.update(source="synthetic", kind="pixel", image_size=8, channels=3, num_classes=10,
+               num_records=40, read_threads=1, prefetch=2)
+    return pipeline.create_train_iterator(cfg, global_batch_size=4, process_index=0,
+                                          process_count=1, seed=0)
 
 
 def make_state(mesh, value=1.0):
@@ -40,9 +41,11 @@ def make_state(mesh, value=1.0):
 
 
 def abstract(state, mesh, spec):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))
-                        if a.ndim == 2 else jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                                 sharding=NamedSharding(mesh, P())), state)
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))
+        if a.ndim == 2 else jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                 sharding=NamedSharding(mesh, P())),
+        state)
 
 
 def test_roundtrip_with_data_iterator_and_resharding(tmp_path):
@@ -50,7 +53,7 @@ def test_roundtrip_with_data_iterator_and_resharding(tmp_path):
     state = make_state(mesh)
     it = data_iterator()
     next(it), next(it)
-    ckpt = checkpoint.Checkpointer(tmp_path, ckpt_config())
+    ckpt = checkpoint_lib.Checkpointer(tmp_path, ckpt_config())
     assert ckpt.latest_step() is None
     assert ckpt.save(2, state, it)
     ckpt.close()
@@ -58,7 +61,7 @@ def test_roundtrip_with_data_iterator_and_resharding(tmp_path):
 
     # Restore on another layout (split over data instead of fsdp) and into a fresh iterator.
     mesh2 = sharding.create_mesh(ml_collections.ConfigDict(dict(data=8, fsdp=1, tensor=1)))
-    ckpt = checkpoint.Checkpointer(tmp_path, ckpt_config())
+    ckpt = checkpoint_lib.Checkpointer(tmp_path, ckpt_config())
     assert ckpt.latest_step() == 2
     it2 = data_iterator()
     restored = ckpt.restore(2, abstract(state, mesh2, P("data", None)), it2)
@@ -74,48 +77,50 @@ def test_roundtrip_with_data_iterator_and_resharding(tmp_path):
 def test_interval_force_and_retention(tmp_path):
     mesh = sharding.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     state = make_state(mesh)
-    ckpt = checkpoint.Checkpointer(tmp_path, ckpt_config(every_steps=2, keep=2, keep_every_steps=4))
+    ckpt = checkpoint_lib.Checkpointer(tmp_path,
+                                       ckpt_config(every_steps=2, keep=2, keep_every_steps=4))
     saved = [step for step in range(1, 10) if ckpt.save(step, state)]
     assert saved == [2, 4, 6, 8]
     assert ckpt.save(9, state, force=True)          # preemption / end of training
     ckpt.close()
     # The 2 latest plus the every-4 milestones.
-    assert sorted(checkpoint.Checkpointer(tmp_path, ckpt_config()).all_steps()) == [4, 8, 9]
+    assert sorted(checkpoint_lib.Checkpointer(tmp_path, ckpt_config()).all_steps()) == [4, 8, 9]
 
 
 def test_incomplete_save_is_ignored(tmp_path):
     """(A real SIGKILL mid-save, and its clean-up on restart: test_trainer.py.)"""
     mesh = sharding.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    ckpt = checkpoint.Checkpointer(tmp_path, ckpt_config())
+    ckpt = checkpoint_lib.Checkpointer(tmp_path, ckpt_config())
     ckpt.save(2, make_state(mesh))
     ckpt.close()
     # What a process killed mid-save leaves behind: a temporary directory with part of the items.
     partial = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(b"\0" * 10)
-    ckpt = checkpoint.Checkpointer(tmp_path, ckpt_config())
+    ckpt = checkpoint_lib.Checkpointer(tmp_path, ckpt_config())
     assert ckpt.latest_step() == 2 and ckpt.all_steps() == [2]
     ckpt.close()
 
 
 def test_restore_params_reads_a_subset(tmp_path):
     mesh = sharding.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    ckpt = checkpoint.Checkpointer(tmp_path, ckpt_config())
+    ckpt = checkpoint_lib.Checkpointer(tmp_path, ckpt_config())
     ckpt.save(2, make_state(mesh, 1.0))
     ckpt.save(4, make_state(mesh, 2.0))
     ckpt.close()
-    want = {"params": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, P()))}}
-    latest = checkpoint.restore_params(tmp_path, want)
+    want = {"params": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32,
+                                                 sharding=NamedSharding(mesh, P()))}}
+    latest = checkpoint_lib.restore_params(tmp_path, want)
     np.testing.assert_array_equal(latest["params"]["w"], 2.0 * np.arange(32.0).reshape(8, 4))
     assert set(latest) == {"params"}
-    older = checkpoint.restore_params(tmp_path / "checkpoints" / "2", want)
+    older = checkpoint_lib.restore_params(tmp_path / "checkpoints" / "2", want)
     np.testing.assert_array_equal(older["params"]["w"], np.arange(32.0).reshape(8, 4))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        checkpoint.restore_params(tmp_path / "nowhere", want)
+        checkpoint_lib.restore_params(tmp_path / "nowhere", want)
 
 
 def test_preemption_guard_catches_sigterm():
-    guard = checkpoint.PreemptionGuard()
+    guard = checkpoint_lib.PreemptionGuard()
     try:
         assert not guard.reached(1)
         os.kill(os.getpid(), signal.SIGTERM)

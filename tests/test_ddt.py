@@ -1,4 +1,4 @@
-"""DDT / DiT parity with the official PyTorch model, conversion, variants, sharding and input checks.
+"""DDT / DiT parity with the official PyTorch model, conversion, variants, sharding, input checks.
 
     .venv/bin/python -m pytest tests/test_ddt.py -q
 """
@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
-from ddt_jax import convert
+from ddt_jax import convert, weights
+from ddt_jax.convert import cli
+from ddt_jax.convert import ddt as ddt_convert
+from ddt_jax.convert import fill
 from ddt_jax.models import ddt
 
 from conftest import FIXTURES, OFFICIAL
@@ -51,7 +54,8 @@ def tiny_ref():
 def tiny_pth(tmp_path_factory):
     """The reference weights as a plain torch state dict (.pth), the third published layout."""
     path = tmp_path_factory.mktemp("pth") / "ddt_tiny.pth"
-    torch.save({k: torch.from_numpy(v) for k, v in load_file(OFFICIAL / "ddt_tiny.safetensors").items()}, path)
+    state = load_file(OFFICIAL / "ddt_tiny.safetensors")
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
     return path
 
 
@@ -60,13 +64,16 @@ def test_tiny_forward_matches_official(source, tiny_ref, tiny_pth):
     path = {"safetensors": OFFICIAL / "ddt_tiny.safetensors", "ckpt": OFFICIAL / "ddt_tiny.ckpt",
             "pth": tiny_pth}[source]
     model = convert.load_ddt(path, num_encoder_blocks=3, use_ema=False)
-    assert ddt.count_params(model) == json.loads((OFFICIAL / "ddt_tiny.json").read_text())["num_params"]
+    spec = json.loads((OFFICIAL / "ddt_tiny.json").read_text())
+    assert ddt.count_params(model) == spec["num_params"]
     assert_forward_matches(model, tiny_ref, int(tiny_ref["align_layer"]))
 
 
 def test_use_ema_picks_the_ema_copy(tiny_ref):
-    raw = torch.load(OFFICIAL / "ddt_tiny.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    ema = convert.load_ddt(OFFICIAL / "ddt_tiny.ckpt", num_encoder_blocks=3)  # use_ema=True is the default
+    raw = torch.load(OFFICIAL / "ddt_tiny.ckpt", map_location="cpu",
+                     weights_only=False)["state_dict"]
+    # use_ema=True is the default
+    ema = convert.load_ddt(OFFICIAL / "ddt_tiny.ckpt", num_encoder_blocks=3)
     kernel = np.asarray(ema.blocks[1].attn.qkv.kernel[...])
     np.testing.assert_array_equal(kernel, raw["ema_denoiser.blocks.1.attn.qkv.weight"].numpy().T)
     assert not np.allclose(kernel, raw["denoiser.blocks.1.attn.qkv.weight"].numpy().T)
@@ -78,7 +85,8 @@ def test_use_ema_picks_the_ema_copy(tiny_ref):
 def test_other_shapes_match_official(case):
     ref = dict(np.load(EXTRA / f"ddt_{case}_forward.npz"))
     spec = json.loads((EXTRA / f"ddt_{case}.json").read_text())
-    model = convert.load_ddt(EXTRA / f"ddt_{case}.safetensors", num_encoder_blocks=spec.get("num_encoder_blocks"),
+    model = convert.load_ddt(EXTRA / f"ddt_{case}.safetensors",
+                             num_encoder_blocks=spec.get("num_encoder_blocks"),
                              in_channels=spec["in_channels"])
     assert model.is_decoupled == (case != "dit")
     assert (model.patch_size, model.num_heads) == (spec["patch_size"], spec["num_groups"])
@@ -88,7 +96,8 @@ def test_other_shapes_match_official(case):
 def test_encoder_depth_from_name_and_patch_inference(tmp_path):
     weights = load_file(OFFICIAL / "ddt_tiny.safetensors")
     cfg = convert.infer_ddt_config(weights, name_hint="/ckpts/DDT-tiny-3en1de/model.ckpt")
-    assert (cfg.num_encoder_blocks, cfg.in_channels, cfg.variant[-2:], cfg.num_classes) == (3, 4, "/2", 10)
+    assert (cfg.num_encoder_blocks, cfg.in_channels, cfg.variant[-2:], cfg.num_classes) == (
+        3, 4, "/2", 10)
     assert cfg.image_size == 32
     cfg = convert.infer_ddt_config(weights, name_hint="/ckpts/DDT-tiny-2en2de-R512/model.ckpt")
     assert (cfg.num_encoder_blocks, cfg.image_size) == (2, 64)
@@ -99,7 +108,6 @@ def test_encoder_depth_from_name_and_patch_inference(tmp_path):
 
 
 def test_bad_checkpoints_list_the_problem(tmp_path):
-    from safetensors.numpy import save_file
     weights = load_file(OFFICIAL / "ddt_tiny.safetensors")
     broken = dict(weights)
     del broken["blocks.2.mlp.w3.weight"]
@@ -114,7 +122,8 @@ def test_bad_checkpoints_list_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         convert.load_ddt(tmp_path / "missing.ckpt", num_encoder_blocks=3)
     with pytest.raises(ValueError, match="use_ema=False"):
-        save_file({f"denoiser.{k}": v for k, v in weights.items()}, tmp_path / "raw_only.safetensors")
+        save_file({f"denoiser.{k}": v for k, v in weights.items()},
+                  tmp_path / "raw_only.safetensors")
         convert.load_ddt(tmp_path / "raw_only.safetensors", num_encoder_blocks=3)
 
 
@@ -125,7 +134,7 @@ def xl_config():
 
 
 def test_xl_param_count_and_key_round_trip():
-    """DDT-XL/2 22en6de: 674,646,352 params; its official key set converts back to the same config."""
+    """DDT-XL/2 22en6de: 674,646,352 params; its official key set converts back to its config."""
     abstract = nnx.eval_shape(lambda: ddt.build_model(xl_config(), rngs=nnx.Rngs(0)))
     assert ddt.count_params(abstract) == 674_646_352
     # Official keys/shapes of XL, produced from our abstract params (no memory: broadcast views).
@@ -133,13 +142,14 @@ def test_xl_param_count_and_key_round_trip():
     official = {}
     for path, var in flat:
         shape = var.shape[::-1] if path[-1] == "kernel" else var.shape
-        official[convert._ddt_torch_key(path)] = np.broadcast_to(np.float32(0), shape)
+        official[ddt_convert.torch_key(path)] = np.broadcast_to(np.float32(0), shape)
     # The same key layout as the official tiny model, with 28 blocks instead of 4.
     tiny_keys = load_file(OFFICIAL / "ddt_tiny.safetensors").keys()
     expected = {re.sub(r"^blocks\.\d+\.", f"blocks.{i}.", k) for k in tiny_keys for i in range(28)}
     assert set(official) == expected
     cfg = convert.infer_ddt_config(official, name_hint="DDT-XL-22en6de-R256/model.ckpt")
-    assert (cfg.arch, cfg.hidden_size, cfg.num_heads, cfg.num_blocks, cfg.num_encoder_blocks) == ("ddt", 1152, 16, 28, 22)
+    assert (cfg.arch, cfg.hidden_size, cfg.num_heads, cfg.num_blocks, cfg.num_encoder_blocks) == (
+        "ddt", 1152, 16, 28, 22)
     assert (cfg.in_channels, cfg.variant, cfg.num_classes) == (4, "XL/2", 1000)
 
 
@@ -203,7 +213,8 @@ def test_encoder_reuse_runs_only_the_decoder():
 
 def test_non_square_and_patch_one_inputs_run():
     model = small_model(variant="S/1", in_channels=3)
-    v, s, h = model(jnp.ones((2, 6, 10, 3)), jnp.array([0.1, 0.9]), jnp.array([0, 10]), feature_layer=1)
+    v, s, h = model(jnp.ones((2, 6, 10, 3)), jnp.array([0.1, 0.9]), jnp.array([0, 10]),
+                    feature_layer=1)
     assert v.shape == (2, 6, 10, 3) and s.shape == (2, 60, 64) and h.shape == (2, 60, 64)
 
 
@@ -212,7 +223,8 @@ def test_bfloat16_compute_is_close_to_float32():
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     t, y = jnp.array([0.2, 0.6]), jnp.array([2, 5])
     # Random final layer so the output is not identically zero.
-    model.final_layer.linear.kernel[...] = jax.random.normal(jax.random.key(2), model.final_layer.linear.kernel.shape) * 0.1
+    kernel_shape = model.final_layer.linear.kernel.shape
+    model.final_layer.linear.kernel[...] = jax.random.normal(jax.random.key(2), kernel_shape) * 0.1
     v32, _ = model(x, t, y)
     bf16 = small_model(dtype="bfloat16")
     nnx.update(bf16, nnx.state(model, nnx.Param))
@@ -237,12 +249,14 @@ def logical_shardings(state, mesh, rules):
 @pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (4, 1, 2), (1, 8, 1)])
 def test_sharded_forward_equals_unsharded(mesh_shape):
     model = small_model(num_heads=4)
-    model.final_layer.linear.kernel[...] = jax.random.normal(jax.random.key(3), model.final_layer.linear.kernel.shape)
+    kernel_shape = model.final_layer.linear.kernel.shape
+    model.final_layer.linear.kernel[...] = jax.random.normal(jax.random.key(3), kernel_shape)
     x = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
     t, y = jax.random.uniform(jax.random.key(1), (8,)), jnp.arange(8) % 11
     expected, s_expected = model(x, t, y)
 
-    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
     rules = {"embed": "fsdp", "mlp": "tensor", "qkv": "tensor", "heads": "tensor"}
     graphdef, state = nnx.split(model)
     shardings = logical_shardings(state, mesh, rules)
@@ -282,14 +296,83 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown model size"):
         small_model(variant="H/2")
     with pytest.raises(ValueError, match="divisible by 4"):
-        small_model(hidden_size=60, num_heads=6)(jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+        small_model(hidden_size=60, num_heads=6)(jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
+                                                 jnp.zeros((1,), jnp.int32))
 
 
 def test_convert_cli_writes_a_checkpoint_later_tools_load(tmp_path, tiny_ref):
     out = tmp_path / "converted"
-    convert.main(["ddt", "--input", str(OFFICIAL / "ddt_tiny.ckpt"), "--num-encoder-blocks", "3", "--raw",
-                  "--output", str(out)])
-    model = convert.load_converted(out)
+    cli.main(["ddt", "--input", str(OFFICIAL / "ddt_tiny.ckpt"), "--num-encoder-blocks", "3",
+              "--raw", "--output", str(out)])
+    model = weights.load_converted(out)
     assert_forward_matches(model, tiny_ref, int(tiny_ref["align_layer"]))
     with pytest.raises(FileNotFoundError, match="python -m ddt_jax.convert ddt"):
-        convert.load_converted(tmp_path / "nothing")
+        weights.load_converted(tmp_path / "nothing")
+
+
+def test_fill_report_lists_every_problem_together():
+    """The shared filler raises once, with counts, every kind of problem and the fix."""
+    state = load_file(OFFICIAL / "ddt_tiny.safetensors")
+    config = convert.infer_ddt_config(state, num_encoder_blocks=3)
+    bad = {k: v for k, v in state.items() if not k.startswith("blocks.3.")}  # 12 keys
+    del bad["final_layer.linear.bias"]
+    bad["extra.weight"] = np.zeros(3, np.float32)
+    bad["x_embedder.proj.weight"] = state["x_embedder.proj.weight"][:, :-1]
+    with pytest.raises(ValueError) as err:
+        convert.ddt_from_state_dict(bad, config)
+    lines = str(err.value).splitlines()
+    assert lines[0] == ("DDT 3en1de (hidden_size 64, patch 2) weights do not match the model "
+                        "(13 missing, 1 unexpected, 1 mis-shaped):")
+    assert lines[1].startswith("  missing keys (13): blocks.3.adaLN_modulation.0.bias, ")
+    assert lines[1].endswith(", ... (1 more)")   # long lists are cut after 12 keys
+    assert lines[2] == "  unexpected keys (1): extra.weight"
+    assert lines[3] == ("  mis-shaped keys (1): x_embedder.proj.weight: got (64, 15), "
+                        "expected (64, 16)")
+    assert "official DDT / DiT key names" in lines[4] and len(lines) == 5
+    # A key mapping that sends two params to one key is a bug, not a file problem.
+    with pytest.raises(ValueError, match="both map to the torch key 'w'"):
+        fill.fill_params(ddt_convert.ddt_from_state_dict(state, config), state,
+                         torch_key=lambda path: "w", what="DDT")
+
+
+def official_repa_projector(hidden, width, out, seed=0):
+    """The official projector's keys (nn.Sequential(nn.Sequential(Linear, SiLU, ...))), random."""
+    rng = np.random.default_rng(seed)
+    shapes = {"0.0": (width, hidden), "0.2": (width, width), "0.4": (out, width)}
+    sd = {}
+    for name, shape in shapes.items():
+        sd[f"{convert.LIGHTNING_REPA_PREFIX}{name}.weight"] = rng.normal(size=shape).astype("f4")
+        sd[f"{convert.LIGHTNING_REPA_PREFIX}{name}.bias"] = rng.normal(size=shape[0]).astype("f4")
+    return sd
+
+
+def test_repa_projector_loads_converts_and_reports(tmp_path):
+    state = load_file(OFFICIAL / "ddt_tiny.safetensors")
+    proj = official_repa_projector(64, 32, 24)
+    save_file({**{f"ema_denoiser.{k}": v for k, v in state.items()}, **proj},
+              tmp_path / "DDT-tiny-3en1de.safetensors")
+    module = convert.load_repa_projector(tmp_path / "DDT-tiny-3en1de.safetensors")
+    p = convert.LIGHTNING_REPA_PREFIX
+    np.testing.assert_array_equal(module.linear_1.kernel[...], proj[f"{p}0.0.weight"].T)
+    np.testing.assert_array_equal(module.linear_3.bias[...], proj[f"{p}0.4.bias"])
+    # The CLI writes it beside the model, where the trainer's init_from finds it.
+    out = tmp_path / "converted"
+    cli.main(["ddt", "--input", str(tmp_path / "DDT-tiny-3en1de.safetensors"),
+              "--output", str(out)])
+    _, abstract = weights.abstract_params(
+        lambda: ddt.REPAProjector(64, 32, 24, rngs=nnx.Rngs(0)),
+        jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    restored = weights.load_projector_params(out, abstract)
+    np.testing.assert_array_equal(restored["linear_2"]["kernel"], proj[f"{p}0.2.weight"].T)
+    # Its keys go through the shared filler too.
+    bad = dict(proj)
+    del bad[f"{p}0.2.bias"]
+    bad[f"{p}0.6.weight"] = np.zeros((3, 3), np.float32)
+    bad[f"{p}0.4.bias"] = np.zeros(5, np.float32)
+    with pytest.raises(ValueError) as err:
+        convert.repa_projector_from_state_dict(bad)
+    msg = str(err.value)
+    assert msg.startswith("REPA projector weights do not match the model (1 missing, 1 unexpected, "
+                          "1 mis-shaped):")
+    assert "missing keys (1): 0.2.bias" in msg and "unexpected keys (1): 0.6.weight" in msg
+    assert "mis-shaped keys (1): 0.4.bias: got (5,), expected (24,)" in msg

@@ -1,13 +1,12 @@
-"""Tests of ddt_jax.evaluation: the ADM Frechet distance, the shipped digit classifier, sample metrics.
-
-    python -m pytest tests/test_evaluation.py -q
-"""
+"""Tests of ddt_jax.evaluation: the ADM Frechet distance, the shipped classifier, sample metrics."""
 import json
 
 import numpy as np
 import pytest
 
-from ddt_jax.evaluation import frechet, mnist_classifier, mnist_eval
+from ddt_jax.evaluation import frechet
+from ddt_jax.evaluation import mnist_classifier
+from ddt_jax.evaluation import mnist_eval
 from input_pipeline.mnist_digits import load_mnist
 
 
@@ -55,7 +54,8 @@ def test_frechet_equal_covariances_is_squared_mean_distance():
     sigma = _random_spd(rng, 16)
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     expected = np.sum((mu1 - mu2) ** 2)
-    np.testing.assert_allclose(frechet.frechet_distance(mu1, sigma, mu2, sigma), expected, rtol=1e-8)
+    np.testing.assert_allclose(frechet.frechet_distance(mu1, sigma, mu2, sigma), expected,
+                               rtol=1e-8)
 
 
 def test_frechet_diagonal_covariances_closed_form():
@@ -87,7 +87,8 @@ def test_frechet_from_large_gaussian_samples():
     n = 200_000  # sampling error of each term ~ 1/sqrt(n) relative: 0.2%
     x1 = mu1 + np.sqrt(a) * rng.normal(size=(n, 4))
     x2 = mu2 + np.sqrt(b) * rng.normal(size=(n, 4))
-    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + np.sum((mu1 - mu2) ** 2)  # 3.686 + 5 = 8.686
+    # 3.686 + 5 = 8.686
+    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + np.sum((mu1 - mu2) ** 2)
     got = frechet.frechet_distance(*frechet.feature_statistics(x1), *frechet.feature_statistics(x2))
     np.testing.assert_allclose(got, expected, rtol=0.01)
 
@@ -234,16 +235,20 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys, test_digits):
     path = _write_npz(tmp_path / "s.npz", arr_0=_pad32(images[:300]), arr_1=labels[:300])
     mnist_eval.main([str(path), "--output", str(tmp_path / "m.json")])
     printed = capsys.readouterr().out
-    assert "label accuracy" in printed and "Frechet distance" in printed and "real-data floor" in printed
+    assert "label accuracy" in printed and "Frechet distance" in printed
+    assert "real-data floor" in printed
     assert json.loads((tmp_path / "m.json").read_text())["num_samples"] == 300
 
 
 @pytest.mark.parametrize("arrays, message", [
     ({"arr_0": np.zeros((4, 32, 32, 1), np.float32), "arr_1": np.zeros(4, np.int64)}, "uint8"),
     ({"arr_0": np.zeros((4, 32, 32, 1), np.uint8)}, "missing arr_1"),
-    ({"arr_0": np.zeros((4, 28, 28, 1), np.uint8), "arr_1": np.zeros(4, np.int64)}, r"\(N, 32, 32, 1\)"),
-    ({"arr_0": np.zeros((4, 32, 32, 3), np.uint8), "arr_1": np.zeros(4, np.int64)}, r"\(N, 32, 32, 1\)"),
-    ({"arr_0": np.zeros((4, 32, 32, 1), np.uint8), "arr_1": np.zeros(3, np.int64)}, "arr_1 must have shape"),
+    ({"arr_0": np.zeros((4, 28, 28, 1), np.uint8), "arr_1": np.zeros(4, np.int64)},
+     r"\(N, 32, 32, 1\)"),
+    ({"arr_0": np.zeros((4, 32, 32, 3), np.uint8), "arr_1": np.zeros(4, np.int64)},
+     r"\(N, 32, 32, 1\)"),
+    ({"arr_0": np.zeros((4, 32, 32, 1), np.uint8), "arr_1": np.zeros(3, np.int64)},
+     "arr_1 must have shape"),
     ({"arr_0": np.zeros((4, 32, 32, 1), np.uint8), "arr_1": np.zeros(4, np.float32)}, "integer"),
     ({"arr_0": np.zeros((4, 32, 32, 1), np.uint8), "arr_1": np.full(4, 10)}, "digits 0..9"),
 ])

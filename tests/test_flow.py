@@ -19,7 +19,8 @@ def test_interpolant_endpoints_and_velocity():
     t = jnp.array([0.1, 0.5, 0.9])
     x_t = flow.interpolate(x, eps, t)
     np.testing.assert_allclose(x_t[1], 0.5 * x[1] + 0.5 * eps[1], rtol=1e-6)
-    # v is the derivative of x_t along t: a finite difference recovers it exactly on a straight path.
+    # v is the derivative of x_t along t: a finite difference recovers it exactly on a straight
+    # path.
     dt = 1e-2
     fd = (flow.interpolate(x, eps, t + dt) - x_t) / dt
     np.testing.assert_allclose(fd, flow.velocity_target(x, eps), atol=1e-3)
@@ -66,8 +67,10 @@ def test_cosine_and_repa_loss_match_torch():
     a = rng.standard_normal((2, 16, 8)).astype(np.float32)
     b = rng.standard_normal((2, 16, 8)).astype(np.float32)
     a[0, 0] = 0.0   # a zero vector: torch clamps the norm product to eps
-    want = torch.nn.functional.cosine_similarity(torch.from_numpy(a), torch.from_numpy(b), dim=-1).numpy()
-    np.testing.assert_allclose(flow.cosine_similarity(jnp.asarray(a), jnp.asarray(b)), want, atol=1e-6)
+    want = torch.nn.functional.cosine_similarity(torch.from_numpy(a), torch.from_numpy(b),
+                                                 dim=-1).numpy()
+    np.testing.assert_allclose(flow.cosine_similarity(jnp.asarray(a), jnp.asarray(b)), want,
+                               atol=1e-6)
     loss = flow.repa_loss(jnp.asarray(a), jnp.asarray(b), height=4, width=4)
     assert float(loss) == pytest.approx(float(np.mean(1 - want)), abs=1e-6)
 
@@ -79,14 +82,16 @@ def test_cosine_and_repa_loss_match_torch():
     ((2, 4), 32, (8, 16)),      # non-square
 ])
 def test_target_resize_matches_torch_bilinear(src_hw, dst_tokens, hw):
-    """The official code: view as a grid, F.interpolate(scale_factor=sqrt(N/M), bilinear, align_corners=False)."""
+    """The official code: view as a grid, F.interpolate(scale_factor=sqrt(N/M), bilinear,
+    align_corners=False)."""
     torch = pytest.importorskip("torch")
     b, d = 2, 5
     m = src_hw[0] * src_hw[1]
     target = np.random.default_rng(1).standard_normal((b, m, d)).astype(np.float32)
     scale = (dst_tokens / m) ** 0.5
     grid = torch.from_numpy(target).view(b, *src_hw, d).permute(0, 3, 1, 2)
-    want = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="bilinear", align_corners=False)
+    want = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="bilinear",
+                                           align_corners=False)
     want = want.permute(0, 2, 3, 1).reshape(b, -1, d).numpy()
     got = flow.resize_target_tokens(jnp.asarray(target), dst_tokens, *hw)
     assert got.shape == want.shape

@@ -1,7 +1,5 @@
 """Sampler parity with the official PyTorch samplers, the recompute DP, the skipped CFG work,
 sharding and config checks.
-
-    .venv/bin/python -m pytest tests/test_sampler.py -q
 """
 import itertools
 import json
@@ -15,7 +13,8 @@ import pytest
 import torch
 from flax import nnx
 
-from ddt_jax import convert, sampler
+from ddt_jax import convert
+from ddt_jax import sampler as sampler_lib
 from ddt_jax.models import ddt
 
 from conftest import FIXTURES, OFFICIAL
@@ -23,11 +22,12 @@ from conftest import FIXTURES, OFFICIAL
 SAMPLER = FIXTURES / "sampler"
 SAMPLE_TOL = 1e-4   # whole trajectories, float32 (PROVENANCE.md)
 SAME_TOL = 1e-5     # two of our own paths that must agree up to rounding
-CONFIG_KEYS = ("num_steps", "guidance", "guidance_interval_min", "guidance_interval_max", "timeshift",
-               "state_refresh_rate", "last_step", "solver", "order", "w_scheduler")
-PARITY_CASES = ["official/ddt_tiny_euler_a", "official/ddt_tiny_euler_b", "euler_interval_k3", "euler_k4_shift",
-                "euler_one_step", "sde_linear", "sde_mean_linear", "sde_preserve_const", "sde_const", "adams_o1",
-                "adams_o2_k2", "adams_o3", "adams_o4", "sharing_dp"]
+CONFIG_KEYS = ("num_steps", "guidance", "guidance_interval_min", "guidance_interval_max",
+               "timeshift", "state_refresh_rate", "last_step", "solver", "order", "w_scheduler")
+PARITY_CASES = ["official/ddt_tiny_euler_a", "official/ddt_tiny_euler_b", "euler_interval_k3",
+                "euler_k4_shift", "euler_one_step", "sde_linear", "sde_mean_linear",
+                "sde_preserve_const", "sde_const", "adams_o1", "adams_o2_k2", "adams_o3",
+                "adams_o4", "sharing_dp"]
 
 
 def nhwc(a):
@@ -39,7 +39,8 @@ def nchw(a):
 
 
 def load_case(name):
-    path = OFFICIAL / f"{name.split('/')[1]}.npz" if name.startswith("official/") else SAMPLER / f"{name}.npz"
+    path = (OFFICIAL / f"{name.split('/')[1]}.npz" if name.startswith("official/")
+            else SAMPLER / f"{name}.npz")
     return dict(np.load(path))
 
 
@@ -96,18 +97,23 @@ def reference_loop(model, noise, labels, config, *, cfg=True):
 def test_matches_official_sampler(case, tiny):
     ref = load_case(case)
     config = config_of(ref)
-    step_noise = (jnp.asarray(ref["step_noise"].transpose(0, 1, 3, 4, 2)) if "step_noise" in ref else None)
-    x = sampler.sample(tiny, nhwc(ref["noise"]), jnp.asarray(ref["y"]), config, step_noise=step_noise)
+    step_noise = (jnp.asarray(ref["step_noise"].transpose(0, 1, 3, 4, 2))
+                  if "step_noise" in ref else None)
+    x = sampler_lib.sample(tiny, nhwc(ref["noise"]), jnp.asarray(ref["y"]), config,
+                           step_noise=step_noise)
     assert x.shape == nhwc(ref["noise"]).shape and x.dtype == jnp.float32
     np.testing.assert_allclose(nchw(x), ref["samples"], atol=SAMPLE_TOL, rtol=0)
-    if "timesteps" in ref:  # within one float32 ulp (torch's vectorised CPU linspace may round differently)
-        np.testing.assert_allclose(sampler.time_grid(config), ref["timesteps"], atol=1.2e-7, rtol=0)
+    # Within one float32 ulp (torch's vectorised CPU linspace may round differently).
+    if "timesteps" in ref:
+        np.testing.assert_allclose(sampler_lib.time_grid(config), ref["timesteps"], atol=1.2e-7,
+                                   rtol=0)
 
 
 @pytest.mark.parametrize("case", ["adams_o1", "adams_o2_k2", "adams_o3", "adams_o4"])
 def test_adams_coefficients_match_official(case):
     ref = load_case(case)
-    coeffs = sampler.adams_coefficients(sampler.time_grid(config_of(ref)), int(ref["order"]))
+    coeffs = sampler_lib.adams_coefficients(sampler_lib.time_grid(config_of(ref)),
+                                            int(ref["order"]))
     # The official weights are computed in float32 from differences of cubes and quartics (order
     # >= 3 loses up to ~2e-4 here, and overflows at 250 steps); ours are float64 and exact for
     # polynomials (next test). The samples still agree to 1e-5.
@@ -115,9 +121,10 @@ def test_adams_coefficients_match_official(case):
 
 
 def test_adams_coefficients_integrate_polynomials_exactly():
-    grid = sampler.time_grid(dict(num_steps=12, last_step=0.05, timeshift=2.0, solver="adams", order=4))
+    grid = sampler_lib.time_grid(dict(num_steps=12, last_step=0.05, timeshift=2.0, solver="adams",
+                                      order=4))
     for order in (1, 2, 3, 4):
-        coeffs = sampler.adams_coefficients(grid, order)
+        coeffs = sampler_lib.adams_coefficients(grid, order)
         np.testing.assert_allclose(coeffs.sum(1), 1.0, atol=1e-12)
         for i in range(order - 1, len(grid) - 1):  # full-order steps: exact for degree < order
             nodes = grid[i - order + 1:i + 1].astype(np.float64)
@@ -132,17 +139,19 @@ def test_adams_coefficients_integrate_polynomials_exactly():
 def test_refresh_rate_one_equals_no_caching(tiny, inputs):
     config = config_of(load_case("official/ddt_tiny_euler_a"))
     assert config["state_refresh_rate"] == 1
-    x = sampler.sample(tiny, *inputs, config)
-    np.testing.assert_allclose(np.asarray(x), reference_loop(tiny, *inputs, config), atol=SAME_TOL, rtol=0)
+    x = sampler_lib.sample(tiny, *inputs, config)
+    np.testing.assert_allclose(np.asarray(x), reference_loop(tiny, *inputs, config),
+                               atol=SAME_TOL, rtol=0)
 
 
 def test_guidance_one_equals_conditional_only(tiny, inputs):
     config = dict(num_steps=8, guidance=1.0, guidance_interval_min=0.0, guidance_interval_max=1.0,
                   timeshift=1.0, last_step=None, state_refresh_rate=1)
-    program, _ = sampler._make_plan(tiny, sampler.read_config(config), skip_unused=True)
-    assert program.modes == (sampler.FULL_COND,) and not program.uncond_state
-    x = np.asarray(sampler.sample(tiny, *inputs, config))
-    np.testing.assert_allclose(x, reference_loop(tiny, *inputs, config, cfg=False), atol=SAME_TOL, rtol=0)
+    program, _ = sampler_lib._make_plan(tiny, sampler_lib.read_config(config), skip_unused=True)
+    assert program.modes == (sampler_lib.FULL_COND,) and not program.uncond_state
+    x = np.asarray(sampler_lib.sample(tiny, *inputs, config))
+    np.testing.assert_allclose(x, reference_loop(tiny, *inputs, config, cfg=False),
+                               atol=SAME_TOL, rtol=0)
 
 
 def test_skipped_unconditional_work_changes_nothing(tiny):
@@ -150,40 +159,46 @@ def test_skipped_unconditional_work_changes_nothing(tiny):
     # including a recompute outside the interval (step 3) whose state guided steps (4, 5) reuse.
     ref = load_case("euler_interval_k3")
     config = config_of(ref)
-    program, tables = sampler._make_plan(tiny, sampler.read_config(config), skip_unused=True)
+    program, tables = sampler_lib._make_plan(tiny, sampler_lib.read_config(config),
+                                             skip_unused=True)
     modes = [program.modes[b] for b in tables["branch"]]
-    assert modes == [sampler.FULL_COND, sampler.DEC_COND, sampler.DEC_COND, sampler.FULL_CFG, sampler.DEC_CFG,
-                     sampler.DEC_CFG, sampler.FULL_CFG, sampler.DEC_COND]
+    assert modes == [sampler_lib.FULL_COND, sampler_lib.DEC_COND, sampler_lib.DEC_COND,
+                     sampler_lib.FULL_CFG, sampler_lib.DEC_CFG, sampler_lib.DEC_CFG,
+                     sampler_lib.FULL_CFG, sampler_lib.DEC_COND]
     assert tables["scale"][3] == 1.0 and tables["scale"][4] == config["guidance"]
-    skipped = sampler.sample(tiny, nhwc(ref["noise"]), jnp.asarray(ref["y"]), config)
-    full = sampler.sample(tiny, nhwc(ref["noise"]), jnp.asarray(ref["y"]), config, skip_unused=False)
+    skipped = sampler_lib.sample(tiny, nhwc(ref["noise"]), jnp.asarray(ref["y"]), config)
+    full = sampler_lib.sample(tiny, nhwc(ref["noise"]), jnp.asarray(ref["y"]), config,
+                              skip_unused=False)
     np.testing.assert_allclose(np.asarray(skipped), np.asarray(full), atol=SAME_TOL, rtol=0)
 
 
 def test_changing_numbers_reuses_the_compiled_program(tiny, inputs):
     base = config_of(load_case("official/ddt_tiny_euler_b"))
-    sampler.sample(tiny, *inputs, base)
-    size = sampler._run_jit._cache_size()
+    sampler_lib.sample(tiny, *inputs, base)
+    size = sampler_lib._run_jit._cache_size()
     # Other guidance, shift, last step, same kinds of step: same program.
-    x = sampler.sample(tiny, *inputs, {**base, "guidance": 4.0, "timeshift": 2.0, "last_step": 0.1})
-    assert sampler._run_jit._cache_size() == size
+    x = sampler_lib.sample(tiny, *inputs,
+                           {**base, "guidance": 4.0, "timeshift": 2.0, "last_step": 0.1})
+    assert sampler_lib._run_jit._cache_size() == size
     assert np.isfinite(np.asarray(x)).all()
 
 
 def test_loop_does_not_unroll_with_num_steps(tiny, inputs):
     def hlo_size(num_steps):
-        c = sampler.read_config(dict(num_steps=num_steps, state_refresh_rate=2, guidance_interval_min=0.0))
-        program, tables = sampler._make_plan(tiny, c, skip_unused=True)
+        c = sampler_lib.read_config(dict(num_steps=num_steps, state_refresh_rate=2,
+                                         guidance_interval_min=0.0))
+        program, tables = sampler_lib._make_plan(tiny, c, skip_unused=True)
         graphdef, params = nnx.split(tiny)
         tables = {k: jnp.asarray(v) for k, v in tables.items()}
-        return len(sampler._run_jit.lower(graphdef, program, params, tables, inputs[0], inputs[1], None, None)
+        return len(sampler_lib._run_jit.lower(graphdef, program, params, tables, inputs[0],
+                                              inputs[1], None, None)
                    .as_text())
     small, large = hlo_size(4), hlo_size(200)
     assert abs(large - small) < 0.01 * small
 
 
-SHARDED_CONFIG = dict(num_steps=6, solver="sde", guidance=2.0, guidance_interval_min=-1.0, guidance_interval_max=2.0,
-                      last_step=0.04, state_refresh_rate=2)
+SHARDED_CONFIG = dict(num_steps=6, solver="sde", guidance=2.0, guidance_interval_min=-1.0,
+                      guidance_interval_max=2.0, last_step=0.04, state_refresh_rate=2)
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +214,9 @@ def test_sharded_sampling_equals_single_device(tiny, batch8):
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     noise, labels = batch8
     key = jax.random.key(5)
-    single = sampler.sample(tiny, noise, labels, SHARDED_CONFIG, key=key)
-    sharded = sampler.sample(tiny, jax.device_put(noise, batch), jax.device_put(labels, batch), SHARDED_CONFIG,
-                             key=key)
+    single = sampler_lib.sample(tiny, noise, labels, SHARDED_CONFIG, key=key)
+    sharded = sampler_lib.sample(tiny, jax.device_put(noise, batch),
+                                 jax.device_put(labels, batch), SHARDED_CONFIG, key=key)
     assert len(sharded.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=SAME_TOL, rtol=0)
 
@@ -209,30 +224,33 @@ def test_sharded_sampling_equals_single_device(tiny, batch8):
 def test_sde_key_draws_match_explicit_noise(tiny, batch8):
     noise, labels = batch8
     key = jax.random.key(5)
-    x = sampler.sample(tiny, noise, labels, SHARDED_CONFIG, key=key)
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(sampler.sample(tiny, noise, labels, SHARDED_CONFIG,
-                                                                            key=key)))
+    x = sampler_lib.sample(tiny, noise, labels, SHARDED_CONFIG, key=key)
+    again = sampler_lib.sample(tiny, noise, labels, SHARDED_CONFIG, key=key)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(again))
     draws = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), noise.shape)
                        for i in range(SHARDED_CONFIG["num_steps"] - 1)])
-    explicit = sampler.sample(tiny, noise, labels, SHARDED_CONFIG, step_noise=draws)
+    explicit = sampler_lib.sample(tiny, noise, labels, SHARDED_CONFIG, step_noise=draws)
     np.testing.assert_allclose(np.asarray(x), np.asarray(explicit), atol=SAME_TOL, rtol=0)
-    other = sampler.sample(tiny, noise, labels, SHARDED_CONFIG, key=jax.random.key(8))
+    other = sampler_lib.sample(tiny, noise, labels, SHARDED_CONFIG, key=jax.random.key(8))
     assert np.abs(np.asarray(other) - np.asarray(x)).max() > 1e-2
 
 
 def test_dit_baseline_samples_without_state(inputs):
     cfg = ddt.default_model_config()
     # The tiny DDT's widths, so building reuses the initialisers already compiled for it.
-    cfg.update(arch="dit", variant="S/2", hidden_size=64, num_heads=4, num_blocks=4, num_classes=10, image_size=16)
+    cfg.update(arch="dit", variant="S/2", hidden_size=64, num_heads=4, num_blocks=4,
+               num_classes=10, image_size=16)
     model = ddt.build_model(cfg, rngs=nnx.Rngs(0))
-    config = dict(num_steps=4, guidance=2.0, guidance_interval_min=0.3, guidance_interval_max=1.0, last_step=None)
-    x = sampler.sample(model, *inputs, config)
-    np.testing.assert_allclose(np.asarray(x), reference_loop(model, *inputs, {**config, "timeshift": 1.0}),
+    config = dict(num_steps=4, guidance=2.0, guidance_interval_min=0.3, guidance_interval_max=1.0,
+                  last_step=None)
+    x = sampler_lib.sample(model, *inputs, config)
+    np.testing.assert_allclose(np.asarray(x),
+                               reference_loop(model, *inputs, {**config, "timeshift": 1.0}),
                                atol=SAME_TOL, rtol=0)
     with pytest.raises(ValueError, match="no encoder state"):
-        sampler.sample(model, *inputs, {**config, "state_refresh_rate": 2})
+        sampler_lib.sample(model, *inputs, {**config, "state_refresh_rate": 2})
     with pytest.raises(ValueError, match="DDT"):
-        sampler.calibrate(model, *inputs, config)
+        sampler_lib.calibrate(model, *inputs, config)
 
 
 # ---------------------------------------------------------------- the recompute DP
@@ -255,9 +273,10 @@ def test_dp_equals_brute_force():
     n = 9
     states = np.cumsum(rng.normal(size=(n, 2, 5, 4)) * rng.uniform(0.1, 1.5, (n, 1, 1, 1)), axis=0)
     for r in range(1, n + 1):
-        steps = sampler.solve_recompute_steps(states, r)
+        steps = sampler_lib.solve_recompute_steps(states, r)
         assert len(steps) == r and steps[0] == 0 and steps == sorted(set(steps))
-        best = min(brute_force_cost(states, (0,) + rest) for rest in itertools.combinations(range(1, n), r - 1))
+        best = min(brute_force_cost(states, (0,) + rest)
+                   for rest in itertools.combinations(range(1, n), r - 1))
         assert brute_force_cost(states, steps) == pytest.approx(best, abs=1e-12)
 
 
@@ -266,10 +285,11 @@ def test_dp_hand_checked_case():
     # error); any further recompute is free too, and the official scan keeps the earliest of equals.
     a, b = np.eye(4)[0], np.eye(4)[1]
     states = np.stack([a, a, a, b, b, b])[:, None, None, :]
-    assert sampler.solve_recompute_steps(states, 1) == [0]
-    assert sampler.solve_recompute_steps(states, 2) == [0, 3]
-    assert sampler.solve_recompute_steps(states, 3) == [0, 1, 3]   # ties broken to the earliest step
-    assert sampler.solve_recompute_steps(states, 6) == [0, 1, 2, 3, 4, 5]
+    assert sampler_lib.solve_recompute_steps(states, 1) == [0]
+    assert sampler_lib.solve_recompute_steps(states, 2) == [0, 3]
+    # Ties are broken to the earliest step.
+    assert sampler_lib.solve_recompute_steps(states, 3) == [0, 1, 3]
+    assert sampler_lib.solve_recompute_steps(states, 6) == [0, 1, 2, 3, 4, 5]
 
 
 def test_dp_matches_official_on_random_states():
@@ -277,20 +297,21 @@ def test_dp_matches_official_on_random_states():
     for seed in range(3):
         states = ref[f"states_{seed}"]
         for r in range(1, states.shape[0] + 1):
-            assert sampler.solve_recompute_steps(states, r) == ref[f"steps_{seed}_{r}"].tolist(), (seed, r)
+            expected = ref[f"steps_{seed}_{r}"].tolist()
+            assert sampler_lib.solve_recompute_steps(states, r) == expected, (seed, r)
 
 
 def test_calibrate_and_dp_match_official_sharing_sampler(tiny, tmp_path):
     ref = load_case("sharing_dp")
     config = {k: v for k, v in config_of(ref).items() if k != "recompute_steps"}
-    states = sampler.calibrate(tiny, nhwc(ref["noise"]), jnp.asarray(ref["y"]), config)
+    states = sampler_lib.calibrate(tiny, nhwc(ref["noise"]), jnp.asarray(ref["y"]), config)
     assert states.shape == ref["states"].shape  # (num_steps, 2B [uncond, cond], tokens, hidden)
     np.testing.assert_allclose(np.asarray(states), ref["states"], atol=SAMPLE_TOL, rtol=0)
     for r in range(1, config["num_steps"] + 1):
-        assert sampler.solve_recompute_steps(states, r) == ref[f"dp_{r}"].tolist(), r
+        assert sampler_lib.solve_recompute_steps(states, r) == ref[f"dp_{r}"].tolist(), r
     path = tmp_path / "schedule.json"
-    sampler.save_schedule(path, ref["recompute_steps"].tolist())
-    assert sampler.load_schedule(path) == ref["recompute_steps"].tolist()
+    sampler_lib.save_schedule(path, ref["recompute_steps"].tolist())
+    assert sampler_lib.load_schedule(path) == ref["recompute_steps"].tolist()
     assert json.loads(path.read_text()) == {"recompute_steps": ref["recompute_steps"].tolist()}
 
 
@@ -298,25 +319,25 @@ def test_schedule_file_errors(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"recompute_steps": [1, 2]}))
     with pytest.raises(ValueError, match="starting at 0"):
-        sampler.load_schedule(path)
+        sampler_lib.load_schedule(path)
     path.write_text(json.dumps([0, 1]))
     with pytest.raises(ValueError, match="recompute_steps"):
-        sampler.load_schedule(path)
+        sampler_lib.load_schedule(path)
     with pytest.raises(ValueError, match="starting at 0"):
-        sampler.save_schedule(path, [0, 3, 3])
+        sampler_lib.save_schedule(path, [0, 3, 3])
     with pytest.raises(ValueError, match="num_recompute"):
-        sampler.solve_recompute_steps(np.ones((4, 1, 2, 3)), 5)
+        sampler_lib.solve_recompute_steps(np.ones((4, 1, 2, 3)), 5)
 
 
 # ---------------------------------------------------------------- bad input
 
 def test_default_config_is_the_official_xl_setting():
-    c = sampler.default_sampler_config()
+    c = sampler_lib.default_sampler_config()
     assert isinstance(c, ml_collections.ConfigDict)
-    assert (c.num_steps, c.guidance, c.guidance_interval_min, c.guidance_interval_max, c.last_step) == (
-        250, 2.0, 0.3, 1.0, 0.04)
+    assert (c.num_steps, c.guidance, c.guidance_interval_min, c.guidance_interval_max,
+            c.last_step) == (250, 2.0, 0.3, 1.0, 0.04)
     c.recompute_steps = [0, 5]
-    assert sampler.read_config(c)["recompute_steps"] == [0, 5]
+    assert sampler_lib.read_config(c)["recompute_steps"] == [0, 5]
 
 
 @pytest.mark.parametrize("override, match", [
@@ -336,27 +357,28 @@ def test_default_config_is_the_official_xl_setting():
 ])
 def test_bad_config_raises(override, match):
     with pytest.raises(ValueError, match=match):
-        sampler.read_config({"num_steps": 8, **override})
+        sampler_lib.read_config({"num_steps": 8, **override})
 
 
 def test_bad_inputs_raise(tiny, inputs):
     noise, labels = inputs
     config = dict(num_steps=2)
     with pytest.raises(ValueError, match="NCHW"):
-        sampler.sample(tiny, noise.transpose(0, 3, 1, 2), labels, config)
+        sampler_lib.sample(tiny, noise.transpose(0, 3, 1, 2), labels, config)
     with pytest.raises(ValueError, match="NHWC"):
-        sampler.sample(tiny, noise[0], labels, config)
+        sampler_lib.sample(tiny, noise[0], labels, config)
     with pytest.raises(ValueError, match="divisible"):
-        sampler.sample(tiny, noise[:, :15, :15], labels, config)
+        sampler_lib.sample(tiny, noise[:, :15, :15], labels, config)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\]"):
-        sampler.sample(tiny, noise, labels.at[0].set(11), config)
+        sampler_lib.sample(tiny, noise, labels.at[0].set(11), config)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\]"):
-        sampler.sample(tiny, noise, labels.at[0].set(-1), config)
+        sampler_lib.sample(tiny, noise, labels.at[0].set(-1), config)
     with pytest.raises(ValueError, match="shape"):
-        sampler.sample(tiny, noise, labels[:2], config)
+        sampler_lib.sample(tiny, noise, labels[:2], config)
     with pytest.raises(TypeError, match="integers"):
-        sampler.sample(tiny, noise, labels.astype(jnp.float32), config)
+        sampler_lib.sample(tiny, noise, labels.astype(jnp.float32), config)
     with pytest.raises(ValueError, match="key"):
-        sampler.sample(tiny, noise, labels, dict(config, solver="sde"))
+        sampler_lib.sample(tiny, noise, labels, dict(config, solver="sde"))
     with pytest.raises(ValueError, match="step_noise"):
-        sampler.sample(tiny, noise, labels, dict(config, solver="sde"), step_noise=jnp.zeros((2,) + noise.shape))
+        sampler_lib.sample(tiny, noise, labels, dict(config, solver="sde"),
+                           step_noise=jnp.zeros((2,) + noise.shape))

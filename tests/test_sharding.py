@@ -12,9 +12,9 @@ from jax.sharding import PartitionSpec as P
 from ddt_jax import sharding
 from ddt_jax.models import ddt
 
-RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
-         ("heads", "tensor"), ("feature", "tensor"), ("classes", None), ("patch", None), ("freq", None),
-         ("norm", None))
+RULES = (("rows", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
+         ("heads", "tensor"), ("feature", "tensor"), ("classes", None), ("patch", None),
+         ("freq", None), ("norm", None))
 
 
 def mesh_config(data, fsdp, tensor):
@@ -44,11 +44,12 @@ def test_logical_to_spec():
     rules = sharding.rules_dict(RULES)
     assert sharding.logical_to_spec(("embed", "mlp"), (64, 96), mesh, rules) == P("fsdp", "tensor")
     # 1001 label rows do not divide over fsdp=4: that axis stays replicated.
-    assert sharding.logical_to_spec(("classes", "embed"), (1001, 64), mesh, rules) == P(None, "fsdp")
+    assert (sharding.logical_to_spec(("classes", "embed"), (1001, 64), mesh, rules)
+            == P(None, "fsdp"))
     assert sharding.logical_to_spec(("embed", "mlp"), (66, 96), mesh, rules) == P(None, "tensor")
     # A mesh axis is used once per array: the second `embed` stays replicated.
     assert sharding.logical_to_spec(("embed", "embed"), (64, 64), mesh, rules) == P("fsdp", None)
-    assert sharding.logical_to_spec(("batch", None), (16, 3), mesh, rules) == P("fsdp", None)
+    assert sharding.logical_to_spec(("rows", None), (16, 3), mesh, rules) == P("fsdp", None)
     with pytest.raises(ValueError, match="logical axis 'bogus' has no rule"):
         sharding.logical_to_spec(("bogus",), (4,), mesh, rules)
     with pytest.raises(ValueError, match="unknown mesh axes"):
@@ -57,14 +58,16 @@ def test_logical_to_spec():
 
 def test_model_params_get_shardings_from_their_logical_axes():
     cfg = ddt.default_model_config()
-    cfg.update(variant="S/2", hidden_size=64, num_heads=4, num_blocks=3, num_encoder_blocks=2, num_classes=10)
+    cfg.update(variant="S/2", hidden_size=64, num_heads=4, num_blocks=3, num_encoder_blocks=2,
+               num_classes=10)
     abstract = nnx.eval_shape(lambda: ddt.build_model(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(abstract, nnx.Param)
     mesh = sharding.create_mesh(mesh_config(2, 2, 2))
     shardings = sharding.logical_to_named(state, mesh, RULES).to_pure_dict()
     assert shardings["blocks"][0]["attn"]["qkv"]["kernel"].spec == P("fsdp", "tensor")
     assert shardings["blocks"][0]["mlp"]["w2"]["kernel"].spec == P("tensor", "fsdp")
-    assert shardings["y_embedder"]["embedding_table"]["embedding"].spec == P(None, "fsdp")   # 11 rows
+    assert (shardings["y_embedder"]["embedding_table"]["embedding"].spec
+            == P(None, "fsdp"))   # 11 rows
     assert shardings["blocks"][0]["norm1"]["weight"].spec == P(None)
     nbytes = sharding.bytes_per_device(jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -80,7 +83,8 @@ def test_host_to_global_and_batch_checks():
         sharding.check_batch_size(12, mesh)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         sharding.check_batch_size(8, sharding.create_mesh(mesh_config(1, 1, -1)), process_count=3)
-    local = {"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3), "label": np.arange(16, dtype=np.int32)}
+    local = {"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
+             "label": np.arange(16, dtype=np.int32)}
     out = sharding.host_to_global(local, mesh)
     assert out["x"].sharding.spec == P(("data", "fsdp"), None)
     assert out["x"].addressable_shards[0].data.shape == (2, 3)

@@ -8,6 +8,7 @@ distinct program compiles once per machine.
 """
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -27,10 +28,14 @@ from ml_collections import config_flags
 
 from configs import tiny
 from configs import xl_256
-from ddt_jax import checkpoint
+from ddt_jax import checkpoint as checkpoint_lib
+from ddt_jax import config_schema
+from ddt_jax import convert
+from ddt_jax import flow
 from ddt_jax import sharding
 from ddt_jax import trainer
-from ddt_jax.models import dinov2 as dinov2_lib
+from ddt_jax import weights
+from ddt_jax.models import ddt
 from input_pipeline import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,8 +52,9 @@ def tiny_config(kind: str = "latent", **overrides) -> ml_collections.ConfigDict:
 
 
 def subprocess_env(num_devices: int = 8, **extra) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices), CUDA_VISIBLE_DEVICES="",
-                TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=JIT_CACHE,
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices),
+                CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+                JAX_COMPILATION_CACHE_DIR=JIT_CACHE,
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=str(REPO), **extra)
 
 
@@ -87,17 +93,21 @@ def reference(tmp_path_factory):
 def test_smoke_run(reference):
     workdir, state = reference
     assert int(state.step) == 10
-    assert sorted(checkpoint.Checkpointer(workdir, tiny_config().checkpoint).all_steps()) == [5, 10]
+    assert sorted(checkpoint_lib.Checkpointer(workdir,
+                                              tiny_config().checkpoint).all_steps()) == [5, 10]
     assert (workdir / "config.json").exists()
     scalars = read_scalars(workdir)
-    for tag in ("loss", "fm_loss", "repa_loss", "grad_norm", "lr", "images_per_sec", "tflops_per_device"):
+    for tag in ("loss", "fm_loss", "repa_loss", "grad_norm", "lr", "images_per_sec",
+                "tflops_per_device"):
         assert set(scalars[tag]) == {5, 10}, tag
         assert all(np.isfinite(v) for v in scalars[tag].values()), tag
     assert scalars["repa_loss"][10] > 0   # REPA is on
-    assert scalars["loss"][10] == pytest.approx(scalars["fm_loss"][10] + 0.5 * scalars["repa_loss"][10], rel=1e-5)
+    assert scalars["loss"][10] == pytest.approx(
+        scalars["fm_loss"][10] + 0.5 * scalars["repa_loss"][10], rel=1e-5)
     assert "steps_per_sec" in scalars      # clu ReportProgress
     # EMA (decay 0.9999) moved 10 small steps towards the params from the same start.
-    p, e = state.params["model"]["final_layer"]["linear"]["kernel"], state.ema_params["final_layer"]["linear"]["kernel"]
+    p, e = (state.params["model"]["final_layer"]["linear"]["kernel"],
+            state.ema_params["final_layer"]["linear"]["kernel"])
     assert np.abs(p).max() > 0 and 0 < np.abs(e).max() < np.abs(p).max()
 
 
@@ -108,7 +118,8 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
     assert_trees_equal(state.params, ref_state.params)
     assert_trees_equal(state.ema_params, ref_state.ema_params)
     assert_trees_equal(state.opt_state, ref_state.opt_state)
-    # The data position: both runs' step-10 iterators yield the batch an uninterrupted stream yields next.
+    # The data position: both runs' step-10 iterators yield the batch an uninterrupted stream
+    # yields next.
     config = tiny_config()
 
     def iterator():
@@ -121,7 +132,7 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
     want = next(fresh)
     for workdir in (ref_dir, tmp_path):
         it = iterator()
-        checkpoint.Checkpointer(workdir, config.checkpoint).restore(10, None, it)
+        checkpoint_lib.Checkpointer(workdir, config.checkpoint).restore(10, None, it)
         got = next(it)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
@@ -130,13 +141,15 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
 def test_sigkill_during_save_resumes_from_last_complete_checkpoint(reference, tmp_path):
     _, ref_state = reference
     proc = subprocess.run(
-        ["timeout", "-s", "KILL", "300", sys.executable, "tests/train_worker.py", "--config=configs/tiny.py",
-         f"--workdir={tmp_path}"],
-        cwd=REPO, env=subprocess_env(DDT_TEST_KILL_DURING_SAVE="10"), capture_output=True, text=True)
+        ["timeout", "-s", "KILL", "300", sys.executable, "tests/train_worker.py",
+         "--config=configs/tiny.py", f"--workdir={tmp_path}"],
+        cwd=REPO, env=subprocess_env(DDT_TEST_KILL_DURING_SAVE="10"), capture_output=True,
+        text=True)
     assert "KILLING during the step-10 save" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert "5" in names and "10" not in names and any(n.startswith("10.orbax-checkpoint-tmp") for n in names), names
+    assert ("5" in names and "10" not in names
+            and any(n.startswith("10.orbax-checkpoint-tmp") for n in names)), names
     # Restart: the half-written step 10 is discarded and the run redoes steps 6-10 from step 5.
     state = jax.device_get(trainer.train_and_evaluate(tiny_config(), str(tmp_path)))
     assert_trees_equal(state.params, ref_state.params)
@@ -147,7 +160,8 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(reference, tm
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-         "--config.num_train_steps=100000", "--config.logging.log_every=2", "--config.checkpoint.every_steps=1000"],
+         "--config.num_train_steps=100000", "--config.logging.log_every=2",
+         "--config.checkpoint.every_steps=1000"],
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, started = [], threading.Event()
 
@@ -171,7 +185,7 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     assert stopped, "".join(lines[-50:])
     step = int(stopped[0].split("preempted: saved step")[1].split(",")[0])
     assert 2 <= step < 1000   # not a regular interval save: the preemption save
-    assert checkpoint.Checkpointer(tmp_path, tiny_config().checkpoint).latest_step() == step
+    assert checkpoint_lib.Checkpointer(tmp_path, tiny_config().checkpoint).latest_step() == step
 
 
 def test_two_processes_match_one_process(reference, tmp_path):
@@ -184,7 +198,8 @@ def test_two_processes_match_one_process(reference, tmp_path):
         ["timeout", "-s", "KILL", "400", sys.executable, "train.py", "--config=configs/tiny.py",
          f"--workdir={tmp_path}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
          f"--process_id={i}"],
-        cwd=REPO, env=subprocess_env(num_devices=4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=subprocess_env(num_devices=4), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     outputs = [p.communicate()[0] for p in procs]
     for p, out in zip(procs, outputs):
@@ -196,10 +211,11 @@ def test_two_processes_match_one_process(reference, tmp_path):
     config = tiny_config()
     mesh = sharding.create_mesh(config.mesh)
     layout = trainer.state_layout(config, mesh, trainer.make_optimizer(config.optim)[0])
-    restored = checkpoint.restore_params(tmp_path, {"params": layout.abstract.params,
+    restored = checkpoint_lib.restore_params(tmp_path, {"params": layout.abstract.params,
                                                     "ema_params": layout.abstract.ema_params})
     assert_trees_equal(jax.device_get(restored["params"]), ref_state.params, rtol=1e-4, atol=1e-6)
-    assert_trees_equal(jax.device_get(restored["ema_params"]), ref_state.ema_params, rtol=1e-4, atol=1e-6)
+    assert_trees_equal(jax.device_get(restored["ema_params"]), ref_state.ema_params, rtol=1e-4,
+                       atol=1e-6)
     # Each process saved its own data-iterator position.
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "10" / "data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
@@ -215,15 +231,18 @@ def _loss_and_grads(config):
                                         process_index=0, process_count=1, seed=config.seed)
     batch = sharding.host_to_global(next(it), mesh)
     positions = trainer.example_positions(config.global_batch_size, mesh)
-    grad_fn = jax.jit(jax.value_and_grad(trainer.make_loss_fn(config, layout, dinov2_graphdef), has_aux=True))
+    grad_fn = jax.jit(jax.value_and_grad(trainer.make_loss_fn(config, layout, dinov2_graphdef),
+                                         has_aux=True))
     with jax.set_mesh(mesh):
         (loss, parts), grads = grad_fn(state.params, batch, positions, jnp.int32(3), dinov2_params)
     return jax.device_get((state.params, loss, parts, grads))
 
 
 def test_data_and_fsdp_meshes_give_the_same_loss_and_grads():
-    params_a, loss_a, parts_a, grads_a = _loss_and_grads(tiny_config(**{"mesh.data": 8, "mesh.fsdp": 1}))
-    params_b, loss_b, parts_b, grads_b = _loss_and_grads(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 4}))
+    params_a, loss_a, parts_a, grads_a = _loss_and_grads(
+        tiny_config(**{"mesh.data": 8, "mesh.fsdp": 1}))
+    params_b, loss_b, parts_b, grads_b = _loss_and_grads(
+        tiny_config(**{"mesh.data": 2, "mesh.fsdp": 4}))
     assert_trees_equal(params_a, params_b)   # random init does not depend on the sharding
     assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
     assert float(parts_a["repa_loss"]) == pytest.approx(float(parts_b["repa_loss"]), rel=1e-6)
@@ -234,18 +253,21 @@ def test_data_and_fsdp_meshes_give_the_same_loss_and_grads():
 def test_noise_differs_across_devices_and_steps_but_not_meshes():
     config = tiny_config()
     spec = pipeline.element_spec(config.data)
-    # Sixteen identical examples: anything that differs between rows comes from the per-example keys.
+    # Sixteen identical examples: anything that differs between rows comes from the per-example
+    # keys.
     local = {k: np.zeros((16,) + v.shape, v.dtype) for k, v in spec.items()}
 
     def inputs(mesh_config, step):
         mesh = sharding.create_mesh(ml_collections.ConfigDict(mesh_config))
         batch = sharding.host_to_global(local, mesh)
         positions = trainer.example_positions(16, mesh)
-        fn = jax.jit(lambda b, p, s: trainer.make_inputs(config, b, trainer.example_keys(config.seed, s, p)))
+        fn = jax.jit(lambda b, p, s: flow.training_inputs(b, flow.example_keys(config.seed, s, p),
+                                                          config))
         return fn(batch, positions, jnp.int32(step))
 
     x, t, noise, labels = inputs(dict(data=8, fsdp=1, tensor=1), 7)
-    shards = [np.asarray(s.data) for s in sorted(noise.addressable_shards, key=lambda s: s.index[0].start)]
+    shards = [np.asarray(s.data)
+              for s in sorted(noise.addressable_shards, key=lambda s: s.index[0].start)]
     assert len(shards) == 8 and len({s.device for s in noise.addressable_shards}) == 8
     flat = np.concatenate([s.reshape(s.shape[0], -1) for s in shards])
     assert len({row.tobytes() for row in flat}) == 16            # every example its own noise
@@ -273,21 +295,21 @@ def test_loss_goes_down_on_a_fixed_dataset_and_samples_are_logged(tmp_path):
     assert grid.shape == (96, 96, 3) and grid.dtype == np.uint8 and grid.std() > 0
 
 
-def test_init_from_a_run_an_official_checkpoint_and_a_converted_one(reference, official_dir, tmp_path):
-    from ddt_jax import convert
-
+def test_init_from_a_run_an_official_checkpoint_and_a_converted_one(reference, official_dir,
+                                                                    tmp_path):
     ref_dir, ref_state = reference
     config = tiny_config(init_from=str(ref_dir))
     mesh = sharding.create_mesh(config.mesh)
     layout = trainer.state_layout(config, mesh, trainer.make_optimizer(config.optim)[0])
     state = trainer.restore_init_from(config, config.init_from, layout, layout.abstract)
-    assert_trees_equal(jax.device_get(state.params), ref_state.params)     # model and REPA projector
+    assert_trees_equal(jax.device_get(state.params), ref_state.params)   # model + REPA projector
     assert_trees_equal(jax.device_get(state.ema_params), ref_state.ema_params)
 
-    # The official tiny DDT (4 channels, patch 2, hidden 64, 3en1de, 10 classes) in a Lightning .ckpt.
+    # The official tiny DDT (4 channels, patch 2, hidden 64, 3en1de, 10 classes) in a Lightning
+    # .ckpt.
     config = tiny_config(**{"model.variant": "S/2", "model.hidden_size": 64, "model.num_heads": 4,
-                            "model.num_blocks": 4, "model.num_encoder_blocks": 3, "model.image_size": 16,
-                            "data.image_size": 128})
+                            "model.num_blocks": 4, "model.num_encoder_blocks": 3,
+                            "model.image_size": 16, "data.image_size": 128})
     path = official_dir / "ddt_tiny.ckpt"
     layout = trainer.state_layout(config, mesh, trainer.make_optimizer(config.optim)[0])
     state = trainer.restore_init_from(config, str(path), layout, layout.abstract)
@@ -300,35 +322,41 @@ def test_init_from_a_run_an_official_checkpoint_and_a_converted_one(reference, o
     # This checkpoint has no REPA projector: the fresh one is kept (here: the abstract placeholder).
     assert isinstance(jax.tree.leaves(state.params["projector"])[0], jax.ShapeDtypeStruct)
 
-    # A directory written by `python -m ddt_jax.convert ddt`, here with a REPA projector beside the model.
-    projector = trainer.ddt.REPAProjector(64, 64, 64, rngs=nnx.Rngs(5))
-    converted = convert.save_converted(convert.load_ddt(path, 3), tmp_path / "converted", config.model, projector)
+    # A directory written by `python -m ddt_jax.convert ddt`, here with a REPA projector beside the
+    # model.
+    projector = ddt.REPAProjector(64, 64, 64, rngs=nnx.Rngs(5))
+    converted = weights.save_converted(convert.load_ddt(path, 3), tmp_path / "converted",
+                                       config.model, projector)
     state = trainer.restore_init_from(config, str(converted), layout, layout.abstract)
     assert_trees_equal(jax.device_get(state.params["model"]), ema)
     assert_trees_equal(jax.device_get(state.ema_params), ema)
-    assert_trees_equal(jax.device_get(state.params["projector"]), nnx.state(projector, nnx.Param).to_pure_dict())
+    assert_trees_equal(jax.device_get(state.params["projector"]),
+                       nnx.state(projector, nnx.Param).to_pure_dict())
     with pytest.raises(FileNotFoundError, match="init_from"):
         trainer.restore_init_from(config, "/nonexistent/run", layout, layout.abstract)
 
 
-@pytest.mark.parametrize("spec", ["xl_256", "xl_256:dit", "xl_512", "l_256", "b_256", "tiny", "tiny:pixel", "mnist",
-                                  "mnist:dit"])
+@pytest.mark.parametrize("spec", ["xl_256", "xl_256:dit", "xl_512", "l_256", "b_256", "tiny",
+                                  "tiny:pixel", "mnist", "mnist:dit"])
 def test_every_config_loads_and_validates(spec, tmp_path):
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", flag_values=flag_values)
     name, _, arg = spec.partition(":")
     flag_values(["train.py", f"--config={REPO}/configs/{name}.py" + (f":{arg}" if arg else "")])
     config = flag_values.config
-    if config.repa.weight > 0 and not os.path.exists(config.repa.dinov2_path):
+    if config.repa.weight > 0 and not (config.repa.dinov2_path
+                                       and os.path.exists(config.repa.dinov2_path)):
         with config.ignore_type():
             config.repa.dinov2_path = str(tmp_path / "dinov2_vitb14_pretrain.pth")
         (tmp_path / "dinov2_vitb14_pretrain.pth").touch()
-    trainer.validate_config(config)
+    config_schema.validate_config(config)
     if spec == "xl_256:dit":
         assert config.model.arch == "dit" and config.optim.b2 == 0.999
     if spec.startswith(("xl", "l_", "b_")):
-        assert (config.optim.lr, config.optim.b1, config.global_batch_size, config.ema.decay) == (1e-4, 0.9, 256, 0.9999)
-        assert (config.flow.t_sampler, config.flow.label_drop_prob, config.repa.weight) == ("lognormal", 0.1, 0.5)
+        assert ((config.optim.lr, config.optim.b1, config.global_batch_size, config.ema.decay)
+                == (1e-4, 0.9, 256, 0.9999))
+        assert ((config.flow.t_sampler, config.flow.label_drop_prob, config.repa.weight)
+                == ("lognormal", 0.1, 0.5))
 
 
 def test_bad_configs_fail_clearly(tmp_path):
@@ -341,66 +369,94 @@ def test_bad_configs_fail_clearly(tmp_path):
     with config.unlocked():
         config.optim.lr_decay = 0.5
     with pytest.raises(ValueError, match=r"section 'optim': unknown fields \['lr_decay'\]"):
-        trainer.validate_config(config)
+        config_schema.validate_config(config)
     with pytest.raises(ValueError, match="not divisible by the 8 data-parallel devices"):
         trainer.train_and_evaluate(tiny_config(global_batch_size=12), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        trainer.validate_config(tiny_config(**{"repa.dinov2_path": str(tmp_path / "dinov2_vitb14_pretrain.pth")}))
+        config_schema.validate_config(
+            tiny_config(**{"repa.dinov2_path": str(tmp_path / "dinov2_vitb14_pretrain.pth")}))
     with pytest.raises(ValueError, match="needs the raw images"):
-        trainer.validate_config(tiny_config(**{"data.with_image": False}))
+        config_schema.validate_config(tiny_config(**{"data.with_image": False}))
     with pytest.raises(ValueError, match="model.in_channels=3 but data.channels=4"):
-        trainer.validate_config(tiny_config(**{"model.in_channels": 3}))
+        config_schema.validate_config(tiny_config(**{"model.in_channels": 3}))
     with pytest.raises(ValueError, match="align_layer=4 must be in"):
-        trainer.validate_config(tiny_config(**{"repa.align_layer": 4}))
+        config_schema.validate_config(tiny_config(**{"repa.align_layer": 4}))
     with pytest.raises(ValueError, match="t_sampler"):
-        trainer.validate_config(tiny_config(**{"flow.t_sampler": "cosine"}))
+        config_schema.validate_config(tiny_config(**{"flow.t_sampler": "cosine"}))
 
 
 def test_nonfinite_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
-    config = tiny_config("pixel", **{"num_train_steps": 4, "optim.lr": 1e30, "checkpoint.every_steps": 1,
-                                      "logging.log_every": 1, "model.hidden_size": 64, "model.num_blocks": 2,
+    config = tiny_config("pixel", **{"num_train_steps": 4, "optim.lr": 1e30,
+                                      "checkpoint.every_steps": 1, "logging.log_every": 1,
+                                      "model.hidden_size": 64, "model.num_blocks": 2,
                                       "model.num_encoder_blocks": 1})
-    with pytest.raises(FloatingPointError, match=r"at step \d+; stopping. Last good checkpoint: step \d+"):
+    with pytest.raises(FloatingPointError,
+                       match=r"at step \d+; stopping. Last good checkpoint: step \d+"):
         trainer.train_and_evaluate(config, str(tmp_path))
 
 
 def test_xl_256_state_builds_abstractly_sharded(capsys):
     config = xl_256.get_config()
-    mesh = sharding.create_mesh(config.mesh)       # fsdp over the 8 devices
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    tx, _ = trainer.make_optimizer(config.optim)
-    layout = trainer.state_layout(config, mesh, tx)
+    # compile_only without compiling: the abstract state, the lowered step and the analytic FLOPs
+    # (no DINOv2 file or data is needed: DINOv2-B/14 and the batch come from the config's shapes).
+    report = trainer.compile_only(config, compile=False)
+    mesh, layout = report.setup.mesh, report.setup.layout
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}   # fsdp over the 8 devices
     n_model = sum(x.size for x in jax.tree.leaves(layout.abstract.params["model"]))
     n_proj = sum(x.size for x in jax.tree.leaves(layout.abstract.params["projector"]))
     assert n_model == 674_646_352
     assert n_proj == 2 * 1152 * 1152 + 1152 * 768 + 2 * 1152 + 768
-    assert layout.shardings.params["model"]["blocks"][0]["mlp"]["w1"]["kernel"].spec == P("fsdp", None)
+    assert (layout.shardings.params["model"]["blocks"][0]["mlp"]["w1"]["kernel"].spec
+            == P("fsdp", None))
     per_device = sharding.bytes_per_device(layout.abstract)
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layout.abstract))
-    # params, Adam mu and nu, EMA: 16 bytes per f32 param, split 8 ways (a few small arrays replicated).
-    assert total == pytest.approx(16 * n_model + 12 * n_proj + 8, rel=1e-6)   # no EMA of the projector
+    # params, Adam mu and nu, EMA: 16 bytes per f32 param, split 8 ways (a few small arrays
+    # replicated); no EMA of the projector.
+    assert total == pytest.approx(16 * n_model + 12 * n_proj + 8, rel=1e-6)
     assert total / 8 < per_device < 1.02 * total / 8
-    # The whole step traces and lowers with the XL shapes (REPA: 256 DINOv2 tokens vs 256 latent tokens).
-    dino = nnx.eval_shape(lambda: dinov2_lib.DINOv2.from_variant("B", rngs=nnx.Rngs(0)))
-    dino_graphdef, dino_state = nnx.split(dino)
-    replicated = sharding.replicated(mesh)
-    abstract_dino = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                                 dino_state.to_pure_dict())
-    batch = {"label": jax.ShapeDtypeStruct((256,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1)),
-             "moments": jax.ShapeDtypeStruct((256, 32, 32, 8), jnp.float32, sharding=sharding.batch_sharding(mesh, 4)),
-             "image": jax.ShapeDtypeStruct((256, 256, 256, 3), jnp.uint8, sharding=sharding.batch_sharding(mesh, 4))}
-    positions = jax.ShapeDtypeStruct((256,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
-    step = trainer.make_train_step(config, layout, tx, trainer.make_optimizer(config.optim)[1], dino_graphdef)
-    with jax.set_mesh(mesh):
-        lowered = jax.jit(step, out_shardings=(layout.shardings, replicated), donate_argnums=0).lower(
-            layout.abstract, batch, positions, abstract_dino)
-    out_state, metrics = lowered.out_info
+    sizes = report.bytes_per_device
+    # Everything but the 4-byte step.
+    assert sizes["parameters"] + sizes["optimizer state"] + sizes["EMA"] == per_device - 4
+    # The whole step traced and lowered with the XL shapes (REPA: 256 DINOv2 tokens vs 256 latent
+    # tokens).
+    batch = report.setup.abstract_batch
+    assert {k: v.shape for k, v in batch.items()} == {
+        "label": (256,), "moments": (256, 32, 32, 8), "image": (256, 256, 256, 3)}
+    assert len(report.setup.abstract_dinov2["blocks"]) == 12      # DINOv2-B/14
+    out_state, metrics = report.setup.lowered.out_info
     assert out_state.params["model"]["blocks"][0]["mlp"]["w1"]["kernel"].shape == (1152, 3072)
-    flops = trainer.step_flops(config, batch)
+    flops = report.analytic_flops
     # 6 x params x tokens (fwd + bwd) for the params that act on every token (not the encoder's
-    # per-image adaLN or the label table), plus attention, projector and DINOv2: ~0.2 PFLOP per step.
+    # per-image adaLN or the label table), plus attention, projector and DINOv2: ~0.2 PFLOP per
+    # step.
     per_token = n_model - 22 * 6 * 1152 * (1152 + 1) - 1001 * 1152
     assert 6 * 256 * per_token * 256 < flops < 1.3 * 6 * 256 * per_token * 256
     with capsys.disabled():
         print(f"\nXL/2 256 train state per device on 8 devices: {per_device / 2**30:.2f} GiB "
               f"(total {total / 2**30:.1f} GiB); {flops / 1e15:.2f} PFLOP per step")
+
+
+def test_compile_only_prints_memory_and_flops_without_a_workdir(tmp_path):
+    proc = subprocess.run(
+        ["timeout", "-s", "KILL", "300", sys.executable, str(REPO / "train.py"),
+         f"--config={REPO}/configs/tiny.py", "--compile_only"],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout
+    assert "DDT S/1 (3en1de), 1,269,636 params, global batch 16, REPA" in table, table
+    values = {m.group(1): float(m.group(2).replace(",", ""))
+              for m in re.finditer(r"^  (\S.*?)\s{2,}([\d.,]+) ", table, re.M)}
+    for name in ("parameters", "optimizer state", "EMA", "DINOv2 (frozen)", "batch",
+                 "XLA arguments", "XLA temporaries", "XLA generated code"):
+        assert name in values, (name, table)
+    # The model's and projector's float32 params, replicated on each of the 8 data devices.
+    config = tiny_config()
+    layout = trainer.state_layout(config, sharding.create_mesh(config.mesh),
+                                  trainer.make_optimizer(config.optim)[0])
+    n = sum(x.size for x in jax.tree.leaves(layout.abstract.params))
+    assert values["parameters"] == pytest.approx(4 * n / 2**20, abs=0.05)
+    assert values["optimizer state"] == pytest.approx(2 * values["parameters"], abs=0.1)
+    assert (values["XLA arguments"]
+            >= values["parameters"] + values["optimizer state"] + values["EMA"])
+    assert values["FLOPs (analytic)"] > 0 and values["FLOPs (XLA cost)"] > 0
+    assert not any(tmp_path.iterdir())   # no workdir, no files

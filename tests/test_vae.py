@@ -6,7 +6,10 @@ The reference is a small random diffusers VAE (3 levels so the decoder's level o
 downsamplings are exercised; 8 norm groups so grouping is not per-channel) with every weight,
 norms included, randomised, saved with `save_pretrained` and read back by `convert.load_vae`.
 """
+import json
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +18,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
+from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from ddt_jax import convert
+from ddt_jax.convert import cli, fill
+from ddt_jax.convert import vae as vae_convert
 from ddt_jax.models import vae as vae_lib
 
 TINY = dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8,
@@ -91,7 +97,8 @@ def test_bf16_compute_is_close(ref):
     # The decoder alone: it runs every layer kind (bf16 on CPU is slow, and encode shares them).
     images = decode(vae16, jnp.asarray(ref["z"][:1]))
     assert images.dtype == jnp.float32
-    # bf16 keeps 8 mantissa bits; through ~20 convs the error is ~1% of the scale (0.6-1.7% measured).
+    # bf16 keeps 8 mantissa bits; through ~20 convs the error is ~1% of the scale (0.6-1.7%
+    # measured).
     assert rel_err(images, ref["decoded"][:1]) < 5e-2
 
 
@@ -108,14 +115,15 @@ def test_single_file_diffusers_keys_and_inferred_config(vae, ref, tmp_path):
     assert_same_params(convert.load_vae(path, config=TINY), vae)
     # Without a config, shapes give everything but the group count and scale (SD defaults then).
     numpy_state = {k: v.numpy() for k, v in state.items()}
-    inferred = convert._infer_vae_config(numpy_state, path)
+    inferred = vae_convert.infer_config(numpy_state, path)
     cfg = vae_lib.VAEConfig.from_dict(inferred)
     assert cfg == vae_lib.VAEConfig.from_dict({**TINY, "norm_num_groups": 32})
     assert cfg.scaling_factor == vae_lib.SD_VAE_SCALING_FACTOR
 
 
 def to_ldm_keys(state, levels):
-    """diffusers -> original LDM/CompVis VAE names (an independent inverse of load_vae's renames)."""
+    """diffusers -> original LDM/CompVis VAE names (an independent inverse of load_vae's
+    renames)."""
     out = {}
     for key, value in state.items():
         key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
@@ -162,14 +170,15 @@ def test_legacy_attention_names(vae, ref, tmp_path):
 
 
 def test_sd_vae_structure_matches_diffusers():
-    """Every parameter of the full SD-VAE maps to a diffusers key of the right shape (no compute)."""
+    """Every parameter of the full SD-VAE maps to a diffusers key of the right shape (no
+    compute)."""
     with torch.device("meta"):
         torch_vae = TorchVAE(**vae_lib.SD_VAE_CONFIG,
                              down_block_types=("DownEncoderBlock2D",) * 4,
                              up_block_types=("UpDecoderBlock2D",) * 4)
     torch_shapes = {k: tuple(v.shape) for k, v in torch_vae.state_dict().items()}
     ours = nnx.eval_shape(lambda: vae_lib.AutoencoderKL())
-    our_shapes = {convert._vae_torch_key(p): convert._vae_torch_shape(tuple(v.get_value().shape))
+    our_shapes = {vae_convert.torch_key(p): fill.torch_shape(p, tuple(v.get_value().shape))
                   for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
     assert our_shapes == torch_shapes
     assert sum(int(np.prod(s)) for s in our_shapes.values()) == 83_653_863
@@ -188,11 +197,13 @@ def test_sample_latents():
     eps = jax.random.normal(key, (n, 4))
     std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
     np.testing.assert_allclose(z, sf * (mean + std * eps), rtol=1e-6)
-    # Statistics: channel means sf*mean, stds sf*exp(clamp(logvar)/2) (logvar 50 -> 20, -100 -> -30).
+    # Statistics: channel means sf*mean, stds sf*exp(clamp(logvar)/2) (logvar 50 -> 20,
+    # -100 -> -30).
     want_std = sf * np.array([1.0, 2.0, np.exp(10.0), np.exp(-15.0)])
     np.testing.assert_allclose(z.std(0), want_std, rtol=0.03)
     assert np.all(np.abs(z.mean(0) - sf * np.array([0.5, -1.0, 0, 0])) < 0.03 * want_std)
-    # Any moments dtype (e.g. a bf16 cache) and other keys give other samples; odd width is an error.
+    # Any moments dtype (e.g. a bf16 cache) and other keys give other samples; odd width is an
+    # error.
     z16 = vae_lib.sample_latents(moments.astype(jnp.bfloat16)[:8], jax.random.key(1), 1.0)
     assert z16.dtype == jnp.float32 and not np.allclose(z16, z[:8] / sf)
     with pytest.raises(ValueError, match="mean\\|\\|logvar"):
@@ -215,7 +226,7 @@ def test_errors(vae, ref, tmp_path):
     msg = str(info.value)
     assert "missing keys (1): decoder.conv_out.bias" in msg
     assert "unexpected keys (1): encoder.extra.weight" in msg
-    assert "quant_conv.weight: (8, 8, 3, 3), expected (8, 8, 1, 1)" in msg
+    assert "quant_conv.weight: got (8, 8, 3, 3), expected (8, 8, 1, 1)" in msg
     with pytest.raises(ValueError, match="not divisible by norm_num_groups"):
         vae_lib.AutoencoderKL({**TINY, "norm_num_groups": 24})
     with pytest.raises(ValueError, match="unknown keys \\['latent_chanels'\\]"):
@@ -228,3 +239,61 @@ def test_errors(vae, ref, tmp_path):
         vae.encode(jnp.zeros((1, 26, 40, 3)))
     with pytest.raises(ValueError, match="latents"):
         vae.decode(jnp.zeros((1, 6, 10, 8)))
+
+
+def test_fill_report_lists_every_problem_together(ref, tmp_path):
+    """The shared filler raises once, with counts, every kind of problem and the fix."""
+    state = {k: v.contiguous() for k, v in ref["model"].state_dict().items()
+             if not k.startswith("decoder.mid_block.")}   # 26 keys: the list is cut after 12
+    state["decoder.extra.bias"] = torch.zeros(2)
+    state["encoder.conv_in.weight"] = torch.zeros(32, 3, 1, 1)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError) as info:
+        convert.load_vae(tmp_path / "bad.safetensors", config=TINY)
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'bad.safetensors'}: VAE weights for VAEConfig(")
+    assert lines[0].endswith("do not match the model (26 missing, 1 unexpected, 1 mis-shaped):")
+    assert lines[1].startswith("  missing keys (26): decoder.mid_block.attentions.0.group_norm.")
+    assert lines[1].endswith(", ... (14 more)")
+    assert lines[2] == "  unexpected keys (1): decoder.extra.bias"
+    assert lines[3] == ("  mis-shaped keys (1): encoder.conv_in.weight: got (32, 3, 1, 1), "
+                        "expected (32, 3, 3, 3)")
+    assert "load_vae(..., config=...)" in lines[4] and len(lines) == 5
+
+
+def test_convert_command_writes_a_diffusers_folder(vae, ref, tmp_path):
+    """`python -m ddt_jax.convert vae`: a float32 diffusers folder that loads to the same params."""
+    out = tmp_path / "converted"
+    cli.main(["vae", "--input", str(ref["folder"]), "--output", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
+    assert_same_params(convert.load_vae(out), vae)
+    config = json.loads((out / "config.json").read_text())
+    assert config["scaling_factor"] == ref["model"].config.scaling_factor
+    assert config["block_out_channels"] == list(TINY["block_out_channels"])
+    # The current diffusers layout: the very tensors diffusers saved, and diffusers reads it back.
+    written = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(ref["folder"] / "diffusion_pytorch_model.safetensors"))
+    assert sorted(written) == sorted(original)
+    for key, value in original.items():
+        assert written[key].dtype == np.float32
+        np.testing.assert_array_equal(written[key], value, err_msg=key)
+    reloaded = TorchVAE.from_pretrained(out)
+    assert reloaded.config.norm_num_groups == TINY["norm_num_groups"]
+    # An LDM single file (plus --config for its non-SD architecture) becomes the same folder.
+    ldm = tmp_path / "vae-ldm.safetensors"
+    save_file(to_ldm_keys(ref["model"].state_dict(), levels=3), str(ldm))
+    (tmp_path / "tiny.json").write_text(json.dumps(dict(ref["model"].config)))
+    cli.main(["vae", "--input", str(ldm), "--config", str(tmp_path / "tiny.json"),
+              "--output", str(tmp_path / "from_ldm")])
+    assert_same_params(convert.load_vae(tmp_path / "from_ldm"), vae)
+    with pytest.raises(ValueError, match="is the input folder"):
+        cli.main(["vae", "--input", str(out), "--output", str(out)])
+
+
+def test_convert_command_runs_as_a_module():
+    for args in (["--help"], ["vae", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "ddt_jax.convert", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "python -m ddt_jax.convert" in done.stdout

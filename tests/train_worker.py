@@ -1,6 +1,4 @@
-"""`train.py` for subprocess tests, optionally SIGKILLing itself in the middle of one checkpoint save.
-
-    DDT_TEST_KILL_DURING_SAVE=10 python tests/train_worker.py --config=configs/tiny.py --workdir=DIR
+"""`train.py` for subprocess tests, optionally SIGKILLing itself in the middle of a checkpoint save.
 
 With DDT_TEST_KILL_DURING_SAVE=N the process kills itself (SIGKILL: no cleanup, no finally) while
 the step-N checkpoint is being written: after orbax created its temporary directory and started the
@@ -11,17 +9,16 @@ import re
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grain
+from absl import app
 
-from absl import app  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 
 if __name__ == "__main__":
     kill_step = os.environ.get("DDT_TEST_KILL_DURING_SAVE")
     if kill_step:
-        import grain
-
         original_save = grain.checkpoint.CheckpointHandler.save
 
         def save_then_die(self, directory, *args, **kwargs):

@@ -6,12 +6,6 @@ comparable whatever network produced the features (Inception pool_3 for ImageNet
 digit classifier for the MNIST demo):
 
     d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 @ sigma2))
-
-    mu1, sigma1 = feature_statistics(features_a)     # float64, sigma = np.cov(rowvar=False)
-    mu2, sigma2 = feature_statistics(features_b)
-    fd = frechet_distance(mu1, sigma1, mu2, sigma2)  # python float
-
-Run its tests with `python -m pytest tests/test_evaluation.py -q -k frechet`.
 """
 from __future__ import annotations
 
@@ -31,13 +25,23 @@ class FrechetDistanceError(ValueError):
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) features -> (mu (D,), sigma (D, D)), both float64 (ADM's `compute_statistics`)."""
+    """Mean and covariance of a feature set, as ADM's `compute_statistics` computes them.
+
+    Args:
+      features: (N, D) feature vectors, N >= 2, any float dtype.
+
+    Returns:
+      (mu, sigma): the (D,) mean and the (D, D) unbiased covariance (`np.cov(rowvar=False)`), both
+      float64.
+    """
     features = np.asarray(features)
     if features.ndim != 2:
         raise ValueError(f"features must be (N, D), got shape {features.shape}")
     if features.shape[0] < 2:
-        raise ValueError(f"need at least 2 feature vectors for a covariance, got {features.shape[0]}")
-    # float64 throughout: np.cov promotes to float64 anyway (as in ADM), and the mean should match it.
+        raise ValueError("need at least 2 feature vectors for a covariance, "
+                         f"got {features.shape[0]}")
+    # float64 throughout: np.cov promotes to float64 anyway (as in ADM), and the mean should match
+    # it.
     features = features.astype(np.float64)
     mu = features.mean(axis=0)
     sigma = np.cov(features, rowvar=False)
@@ -51,13 +55,31 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = SINGULAR_EPS) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as a python float."""
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): d^2 of the module docstring.
+
+    Args:
+      mu1: (D,) mean of the first feature set.
+      sigma1: (D, D) covariance of the first feature set.
+      mu2: (D,) mean of the second feature set.
+      sigma2: (D, D) covariance of the second feature set.
+      eps: added to both diagonals (with a RuntimeWarning) when sqrtm(sigma1 @ sigma2) is not
+        finite, as ADM does for a singular product.
+
+    Returns:
+      The distance as a python float (what FID reports).
+
+    Raises:
+      ValueError: the shapes do not match.
+      FrechetDistanceError: sqrtm(sigma1 @ sigma2) has an imaginary part above IMAG_ATOL on its
+        diagonal (an input is not a covariance).
+    """
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     if mu1.ndim != 1 or mu1.shape != mu2.shape:
-        raise ValueError(f"mean vectors must be 1-D of equal length, got {mu1.shape} and {mu2.shape}")
+        raise ValueError(f"mean vectors must be 1-D of equal length, got {mu1.shape} and "
+                         f"{mu2.shape}")
     d = mu1.shape[0]
     if sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"covariances must be ({d}, {d}) to match the means, got {sigma1.shape} "
@@ -68,8 +90,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = SINGULAR_EPS) -> flo
     if not np.isfinite(covmean).all():
         # A singular product (fewer samples than feature dimensions, dead features) can make sqrtm
         # return inf/nan; ADM then retries with eps on both diagonals.
-        warnings.warn(f"Frechet distance: sqrtm(sigma1 @ sigma2) is not finite (singular product); "
-                      f"adding {eps} to the diagonal of both covariances", RuntimeWarning, stacklevel=2)
+        warnings.warn("Frechet distance: sqrtm(sigma1 @ sigma2) is not finite (singular "
+                      f"product); adding {eps} to the diagonal of both covariances",
+                      RuntimeWarning, stacklevel=2)
         offset = np.eye(d) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
 
@@ -78,7 +101,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = SINGULAR_EPS) -> flo
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAG_ATOL):
             raise FrechetDistanceError(
-                f"sqrtm(sigma1 @ sigma2) has an imaginary component of up to "
+                "sqrtm(sigma1 @ sigma2) has an imaginary component of up to "
                 f"{np.max(np.abs(covmean.imag)):.3g} (tolerance {IMAG_ATOL} on the diagonal): "
                 "sigma1 and sigma2 must be symmetric positive semi-definite covariance matrices")
         covmean = covmean.real

@@ -1,23 +1,13 @@
-"""A small digit classifier whose penultimate layer is the feature space of the MNIST demo's metrics.
+"""A small digit CNN whose penultimate layer is the feature space of the MNIST demo's metrics.
 
 It sees digits exactly as the diffusion model does: the 28x28 MNIST digit zero-padded by 2 pixels
 on each side to 32x32x1, scaled by `x / 127.5 - 1` (background -1, ink +1). It is trained on the
 `train` split only and scored on the held-out `test` split (input_pipeline.mnist_digits), which is
 also the reference set of the Frechet distance, so nothing it is evaluated against was trained on.
 
-Train it once and ship the weights (2-3 minutes on 2 idle CPU cores):
-
-    python -m ddt_jax.evaluation.mnist_classifier --output data/mnist_classifier.safetensors
-
-which writes the weights and, beside them, `mnist_classifier.json` (architecture, seed, steps,
-held-out accuracy, training time). Use it:
-
-    clf = load_classifier()                  # data/mnist_classifier.safetensors
-    clf.classify(images)                     # (N,) int32 predicted digits
-    clf.features(images)                     # (N, 64) float32 penultimate features
-    classify(images); features(images)      # the same with the shipped weights, loaded once
-
-`images`: uint8 (N, 32, 32, 1) or (N, 28, 28) (padded to 32), or float in [-1, 1] in either shape.
+It is trained once (2-3 minutes on 2 idle CPU cores, `TRAIN_COMMAND`) and its weights are shipped
+in data/, with `mnist_classifier.json` beside them (architecture, seed, steps, held-out accuracy,
+training time).
 """
 from __future__ import annotations
 
@@ -33,11 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file
 
 from input_pipeline.mnist_digits import load_mnist
 
-DEFAULT_WEIGHTS = pathlib.Path(__file__).resolve().parents[2] / "data" / "mnist_classifier.safetensors"
-TRAIN_COMMAND = "python -m ddt_jax.evaluation.mnist_classifier --output data/mnist_classifier.safetensors"
+DEFAULT_WEIGHTS = (pathlib.Path(__file__).resolve().parents[2] / "data"
+                   / "mnist_classifier.safetensors")
+TRAIN_COMMAND = ("python -m ddt_jax.evaluation.mnist_classifier "
+                 "--output data/mnist_classifier.safetensors")
 IMAGE_SIZE = 32
 MNIST_SIZE = 28
 PAD = (IMAGE_SIZE - MNIST_SIZE) // 2
@@ -89,33 +83,38 @@ class DigitCNN(nnx.Module):
 
 
 def to_model_input(images) -> np.ndarray:
-    """uint8 or [-1, 1] float digits, (N, 28|32, 28|32[, 1]) -> float32 (N, 32, 32, 1) in [-1, 1]."""
+    """uint8 or [-1, 1] float digits, (N, 28|32, 28|32[, 1]) -> float32 (N, 32, 32, 1).
+
+    The result is in [-1, 1]; 28x28 digits are padded to 32x32 with background (-1).
+    """
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] != 1 or images.shape[1:3] not in ((MNIST_SIZE,) * 2,
                                                                              (IMAGE_SIZE,) * 2):
-        raise ValueError(f"digits must be (N, 32, 32, 1), (N, 32, 32), (N, 28, 28, 1) or (N, 28, 28); "
-                         f"got shape {images.shape}")
+        raise ValueError("digits must be (N, 32, 32, 1), (N, 32, 32), (N, 28, 28, 1) or "
+                         f"(N, 28, 28); got shape {images.shape}")
     if images.dtype == np.uint8:
         x = images.astype(np.float32) / 127.5 - 1.0
     elif np.issubdtype(images.dtype, np.floating):
         x = images.astype(np.float32)
         lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-        # Catch [0, 255]-scaled floats: fed as they are they would be silently misread as saturated ink.
+        # Catch [0, 255]-scaled floats: fed as they are they would be silently misread as
+        # saturated ink.
         if lo < -1.01 or hi > 1.01 or not np.isfinite(x).all():
-            raise ValueError(f"float digits must lie in [-1, 1] (uint8 / 127.5 - 1); got range "
+            raise ValueError("float digits must lie in [-1, 1] (uint8 / 127.5 - 1); got range "
                              f"[{lo:.3g}, {hi:.3g}]")
     else:
-        raise ValueError(f"digits must be uint8 in [0, 255] or float in [-1, 1], got dtype {images.dtype}")
+        raise ValueError("digits must be uint8 in [0, 255] or float in [-1, 1], "
+                         f"got dtype {images.dtype}")
     if x.shape[1] == MNIST_SIZE:
         x = np.pad(x, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)), constant_values=-1.0)
     return x
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Inference
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, params, x):
     model = nnx.merge(graphdef, params)
@@ -124,14 +123,19 @@ def _forward(graphdef, params, x):
 
 
 class Classifier:
-    """A trained DigitCNN with batched, jitted inference on numpy inputs."""
+    """A trained DigitCNN with batched, jitted inference on numpy inputs.
+
+    `images` everywhere: uint8 (N, 32, 32, 1) or (N, 28, 28) (padded to 32), or float in [-1, 1]
+    in either shape (see `to_model_input`).
+    """
 
     def __init__(self, model: DigitCNN, metadata: dict | None = None):
         self.arch = model.arch
         self.graphdef, self.params = nnx.split(model, nnx.Param)
         self.metadata = dict(metadata or {})
 
-    def features_and_logits(self, images, batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    def features_and_logits(self, images,
+                            batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
         x = to_model_input(images)
         feats, logits = [], []
         for start in range(0, len(x), batch_size):
@@ -160,9 +164,9 @@ class Classifier:
         return self.logits(images).argmax(axis=-1).astype(np.int32)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Weights on disk: safetensors (flat "convs.0.kernel" keys) + a json with the architecture
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _json_path(weights_path: pathlib.Path) -> pathlib.Path:
     return weights_path.with_suffix(".json")
 
@@ -179,28 +183,25 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def save_classifier(classifier: Classifier, path: str | pathlib.Path, metadata: dict) -> None:
-    from safetensors.numpy import save_file
-
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = _flatten(nnx.to_pure_dict(classifier.params))
-    save_file({k: np.ascontiguousarray(np.asarray(v), np.float32) for k, v in flat.items()}, str(path))
+    save_file({k: np.ascontiguousarray(np.asarray(v), np.float32) for k, v in flat.items()},
+              str(path))
     meta = {"architecture": dataclasses.asdict(classifier.arch), **metadata}
     _json_path(path).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_classifier(path: str | pathlib.Path = DEFAULT_WEIGHTS) -> Classifier:
     """Loads weights written by `save_classifier` (and the json beside them)."""
-    from safetensors.numpy import load_file
-
     path = pathlib.Path(path)
     meta_path = _json_path(path)
     command = TRAIN_COMMAND if path.resolve() == DEFAULT_WEIGHTS else (
         f"python -m ddt_jax.evaluation.mnist_classifier --output {path}")
     for p in (path, meta_path):
         if not p.exists():
-            raise FileNotFoundError(f"MNIST classifier file {p} does not exist; train it (2-3 minutes "
-                                    f"on CPU) with:\n    {command}")
+            raise FileNotFoundError(f"MNIST classifier file {p} does not exist; train it "
+                                    f"(2-3 minutes on CPU) with:\n    {command}")
     meta = json.loads(meta_path.read_text())
     arch_fields = dict(meta["architecture"])
     arch = Architecture(**{**arch_fields, "channels": tuple(arch_fields["channels"])})
@@ -239,9 +240,9 @@ def features(images) -> np.ndarray:
     return default_classifier().features(images)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
     """Shifts each (32, 32, 1) image by up to +-max_shift pixels, filling with background (-1)."""
     b, h, w, c = x.shape
@@ -252,10 +253,14 @@ def _random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
     return jax.vmap(crop)(padded, offsets)
 
 
-def train_classifier(seed: int = 0, steps: int = 1600, batch_size: int = 64, learning_rate: float = 3e-3,
-                     weight_decay: float = 1e-4, max_shift: int = 2,
-                     arch: Architecture = Architecture(), log_every: int = 200) -> tuple[Classifier, dict]:
-    """Trains on the `train` split; returns (classifier, metadata incl. held-out `test` accuracy)."""
+def train_classifier(seed: int = 0, steps: int = 1600, batch_size: int = 64,
+                     learning_rate: float = 3e-3, weight_decay: float = 1e-4, max_shift: int = 2,
+                     arch: Architecture = Architecture(),
+                     log_every: int = 200) -> tuple[Classifier, dict]:
+    """Trains on the `train` split.
+
+    Returns (classifier, metadata), the metadata including the held-out `test` accuracy.
+    """
     train_images, train_labels = load_mnist("train")
     test_images, test_labels = load_mnist("test")
     x_train = jnp.asarray(to_model_input(train_images))
@@ -263,7 +268,8 @@ def train_classifier(seed: int = 0, steps: int = 1600, batch_size: int = 64, lea
 
     model = DigitCNN(arch, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model, nnx.Param)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps=min(100, steps // 10),
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate,
+                                                  warmup_steps=min(100, steps // 10),
                                                   decay_steps=steps)
     tx = optax.adamw(schedule, weight_decay=weight_decay)
     opt_state = tx.init(params)
@@ -290,8 +296,8 @@ def train_classifier(seed: int = 0, steps: int = 1600, batch_size: int = 64, lea
         pos += batch_size
         params, opt_state, loss = train_step(params, opt_state, idx, jax.random.fold_in(key, step))
         if log_every and (step % log_every == 0 or step == steps):
-            print(f"step {step:5d}/{steps}  loss {float(loss):.4f}  {time.perf_counter() - start:6.1f} s",
-                  flush=True)
+            print(f"step {step:5d}/{steps}  loss {float(loss):.4f}  "
+                  f"{time.perf_counter() - start:6.1f} s", flush=True)
     jax.block_until_ready(params)
     train_seconds = time.perf_counter() - start
     # CPU seconds of all threads: comparable across runs when other jobs share the cores.
@@ -317,8 +323,8 @@ def train_classifier(seed: int = 0, steps: int = 1600, batch_size: int = 64, lea
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default=str(DEFAULT_WEIGHTS), help="weights path (.safetensors); "
-                        "the json is written beside it")
+    parser.add_argument("--output", default=str(DEFAULT_WEIGHTS),
+                        help="weights path (.safetensors); the json is written beside it")
     parser.add_argument("--seed", type=int, default=0)
     # 1600 x 64 = 12.8 epochs of the 8,000 train digits: 99.1% held-out; 800 x 128 (same images,
     # half the updates) gave 98.85% for slightly more CPU time.
@@ -327,11 +333,12 @@ def main(argv=None) -> None:
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     args = parser.parse_args(argv)
 
-    classifier, metadata = train_classifier(seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+    classifier, metadata = train_classifier(seed=args.seed, steps=args.steps,
+                                            batch_size=args.batch_size,
                                             learning_rate=args.learning_rate)
     save_classifier(classifier, args.output, metadata)
-    print(f"held-out accuracy {metadata['test_accuracy']:.4f} on {metadata['test_size']} test digits; "
-          f"trained in {metadata['train_seconds']} s; wrote {args.output} and "
+    print(f"held-out accuracy {metadata['test_accuracy']:.4f} on {metadata['test_size']} test "
+          f"digits; trained in {metadata['train_seconds']} s; wrote {args.output} and "
           f"{_json_path(pathlib.Path(args.output))}")
 
 

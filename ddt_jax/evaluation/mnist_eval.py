@@ -16,11 +16,6 @@ the shipped digit classifier (mnist_classifier.py, trained on the `train` split 
     9.4 +- 1.5 (the class mix differs from the test split's). Evaluate >= 2,000 samples: at N =
     2000 the same three read 6.9 +- 1.9, 4.1 +- 0.5 and 7.1 +- 0.9. (The classifier saw the train
     digits in training, so the floor may be slightly optimistic.)
-
-    python -m ddt_jax.evaluation.mnist_eval SAMPLES.npz [--output metrics.json]
-
-    metrics = evaluate_samples("samples.npz", output="metrics.json")
-    metrics = evaluate_samples((images_uint8_nhwc, labels))
 """
 from __future__ import annotations
 
@@ -34,28 +29,36 @@ from typing import Mapping
 import numpy as np
 
 from ddt_jax.evaluation import frechet
-from ddt_jax.evaluation.mnist_classifier import (DEFAULT_WEIGHTS, IMAGE_SIZE, NUM_CLASSES, Classifier,
-                                                 default_classifier, load_classifier)
+from ddt_jax.evaluation import mnist_classifier
 from input_pipeline.mnist_digits import load_mnist
 
 FLOOR_SEED = 0
 FLOOR_REPEATS = 5
-SAMPLE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
-LAYOUT = "ADM layout: arr_0 = uint8 images (N, 32, 32, 1) NHWC, arr_1 = integer class labels (N,)"
+NUM_CLASSES = mnist_classifier.NUM_CLASSES
+SAMPLE_SHAPE = (mnist_classifier.IMAGE_SIZE, mnist_classifier.IMAGE_SIZE, 1)
+LAYOUT = ("ADM layout: arr_0 = uint8 images (N, 32, 32, 1) NHWC, "
+          "arr_1 = integer class labels (N,)")
 
 
 def validate_samples(images, labels, source: str = "samples") -> tuple[np.ndarray, np.ndarray]:
-    """Checks an (arr_0, arr_1) pair against the ADM layout; returns (uint8 images, int32 labels)."""
+    """Checks an (arr_0, arr_1) pair against the ADM layout.
+
+    Returns (uint8 images, int32 labels).
+    """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8:
-        raise ValueError(f"{source}: arr_0 must be uint8 in [0, 255], got {images.dtype} (write samples "
-                         f"as uint8(clip((x + 1) * 127.5 + 0.5)) from [-1, 1]); {LAYOUT}")
+        raise ValueError(f"{source}: arr_0 must be uint8 in [0, 255], got {images.dtype} "
+                         "(write samples as uint8(clip((x + 1) * 127.5 + 0.5)) from [-1, 1]); "
+                         f"{LAYOUT}")
     if images.ndim != 4 or images.shape[1:] != SAMPLE_SHAPE:
-        raise ValueError(f"{source}: arr_0 must have shape (N, 32, 32, 1), got {images.shape}; {LAYOUT}")
+        raise ValueError(f"{source}: arr_0 must have shape (N, 32, 32, 1), got {images.shape}; "
+                         f"{LAYOUT}")
     if images.shape[0] < 2:
-        raise ValueError(f"{source}: need at least 2 samples for a covariance, got {images.shape[0]}")
+        raise ValueError(f"{source}: need at least 2 samples for a covariance, "
+                         f"got {images.shape[0]}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{source}: arr_1 must hold integer class labels, got {labels.dtype}; {LAYOUT}")
+        raise ValueError(f"{source}: arr_1 must hold integer class labels, got {labels.dtype}; "
+                         f"{LAYOUT}")
     if labels.shape != (images.shape[0],):
         raise ValueError(f"{source}: arr_1 must have shape ({images.shape[0]},) to match arr_0, "
                          f"got {labels.shape}; {LAYOUT}")
@@ -66,7 +69,10 @@ def validate_samples(images, labels, source: str = "samples") -> tuple[np.ndarra
 
 
 def load_samples(samples) -> tuple[np.ndarray, np.ndarray, str]:
-    """A .npz path, an {arr_0, arr_1} mapping or an (images, labels) pair -> (images, labels, source)."""
+    """A .npz path, an {arr_0, arr_1} mapping or an (images, labels) pair.
+
+    Returns (images, labels, source), checked by `validate_samples`.
+    """
     if isinstance(samples, (str, os.PathLike)):
         path = pathlib.Path(samples)
         if not path.exists():
@@ -79,8 +85,8 @@ def load_samples(samples) -> tuple[np.ndarray, np.ndarray, str]:
     elif isinstance(samples, (tuple, list)) and len(samples) == 2:
         arrays, source = {"arr_0": samples[0], "arr_1": samples[1]}, "samples"
     else:
-        raise TypeError(f"samples must be a .npz path, a mapping with arr_0/arr_1 or an (images, labels) "
-                        f"pair, got {type(samples).__name__}")
+        raise TypeError("samples must be a .npz path, a mapping with arr_0/arr_1 or an "
+                        f"(images, labels) pair, got {type(samples).__name__}")
     missing = [k for k in ("arr_0", "arr_1") if k not in arrays]
     if missing:
         raise ValueError(f"{source}: missing {', '.join(missing)} (found {sorted(arrays)}); the "
@@ -90,7 +96,7 @@ def load_samples(samples) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _real_features(classifier: Classifier, split: str) -> np.ndarray:
+def _real_features(classifier: mnist_classifier.Classifier, split: str) -> np.ndarray:
     """Features of a real split, computed once per classifier (8,000 train digits take seconds)."""
     features = classifier.features(load_mnist(split)[0])
     features.setflags(write=False)
@@ -111,14 +117,29 @@ def _same_labels_subset(train_labels: np.ndarray, sample_labels: np.ndarray,
     return np.concatenate(subset), replaced
 
 
-def evaluate_samples(samples, *, classifier: Classifier | str | os.PathLike | None = None,
+def evaluate_samples(samples, *,
+                     classifier: mnist_classifier.Classifier | str | os.PathLike | None = None,
                      output: str | os.PathLike | None = None, floor_seed: int = FLOOR_SEED) -> dict:
-    """Label accuracy and Frechet distance of class-conditional digit samples (see module doc)."""
+    """Label accuracy and Frechet distance of class-conditional digit samples (see module doc).
+
+    Args:
+      samples: a .npz path in the ADM layout, a mapping with `arr_0` and `arr_1`, or an
+        (images, labels) pair: uint8 (N, 32, 32, 1) images, N >= 2, and int labels 0..9.
+      classifier: a `mnist_classifier.Classifier`, the path of saved weights, or None for the
+        shipped classifier.
+      output: where to write the metrics as JSON as well (parent directories are created).
+      floor_seed: seed of the label-matched real-digit draws of the floor.
+
+    Returns:
+      The metrics: `label_accuracy` (and per class), `frechet_distance`, `real_frechet_floor`
+      (with its std and the individual draws), per-class sample and prediction counts, and where
+      the samples, reference and classifier came from.
+    """
     images, labels, source = load_samples(samples)
     if classifier is None:
-        classifier = default_classifier()
-    elif not isinstance(classifier, Classifier):
-        classifier = load_classifier(classifier)
+        classifier = mnist_classifier.default_classifier()
+    elif not isinstance(classifier, mnist_classifier.Classifier):
+        classifier = mnist_classifier.load_classifier(classifier)
     n = len(labels)
 
     sample_feats, sample_logits = classifier.features_and_logits(images)
@@ -135,14 +156,16 @@ def evaluate_samples(samples, *, classifier: Classifier | str | os.PathLike | No
     ref_stats = frechet.feature_statistics(test_feats)
     fd = frechet.frechet_distance(*frechet.feature_statistics(sample_feats), *ref_stats)
 
-    # The floor: real train digits with the samples' label histogram, FLOOR_REPEATS draws (module doc).
+    # The floor: real train digits with the samples' label histogram, FLOOR_REPEATS draws
+    # (module doc).
     train_labels = load_mnist("train")[1]
     rng = np.random.RandomState(floor_seed)
     floors, with_replacement = [], False
     for _ in range(FLOOR_REPEATS):
         subset, replaced = _same_labels_subset(train_labels, labels, rng)
         with_replacement |= replaced
-        floors.append(frechet.frechet_distance(*frechet.feature_statistics(train_feats[subset]), *ref_stats))
+        floors.append(frechet.frechet_distance(*frechet.feature_statistics(train_feats[subset]),
+                                               *ref_stats))
 
     metrics = {
         "samples": source,
@@ -172,14 +195,16 @@ def evaluate_samples(samples, *, classifier: Classifier | str | os.PathLike | No
 
 def format_metrics(m: dict) -> str:
     clf_acc = m["classifier_test_accuracy"]
-    clf_note = f"   (classifier on real held-out digits: {clf_acc:.4f})" if clf_acc is not None else ""
+    clf_note = (f"   (classifier on real held-out digits: {clf_acc:.4f})" if clf_acc is not None
+                else "")
     per_class = "  ".join(f"{d}:{'  -  ' if a is None else f'{a:.3f}'}"
                           for d, a in m["label_accuracy_per_class"].items())
     return "\n".join([
         f"samples            {m['num_samples']} from {m['samples']}",
         f"label accuracy     {m['label_accuracy']:.4f}{clf_note}",
         f"  per class        {per_class}",
-        f"Frechet distance   {m['frechet_distance']:.4f}   (classifier features vs {m['reference']})",
+        f"Frechet distance   {m['frechet_distance']:.4f}   "
+        f"(classifier features vs {m['reference']})",
         f"real-data floor    {m['real_frechet_floor']:.4f} +- {m['real_frechet_floor_std']:.4f}   "
         f"({m['floor_num_train_digits']} real train digits vs the same reference, "
         f"{len(m['real_frechet_floor_runs'])} subsets)",
@@ -187,15 +212,21 @@ def format_metrics(m: dict) -> str:
 
 
 def main(argv=None) -> None:
+    """The command line: scores a sample .npz, prints the metrics and optionally writes them.
+
+    Args:
+      argv: the arguments after the program name; None reads them from sys.argv.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("samples", help=f"sample .npz ({LAYOUT})")
     parser.add_argument("--output", default=None, help="write the metrics here as JSON")
-    parser.add_argument("--classifier", default=str(DEFAULT_WEIGHTS),
+    parser.add_argument("--classifier", default=str(mnist_classifier.DEFAULT_WEIGHTS),
                         help="classifier weights (.safetensors, json beside it)")
     args = parser.parse_args(argv)
     try:
         metrics = evaluate_samples(args.samples, classifier=args.classifier, output=args.output)
-    except (ValueError, FileNotFoundError) as e:  # bad sample file or missing weights: say so, no trace
+    except (ValueError, FileNotFoundError) as e:
+        # A bad sample file or missing weights: say so, without a traceback.
         raise SystemExit(f"error: {e}") from e
     print(format_metrics(metrics))
     if args.output:

@@ -9,15 +9,8 @@ DDT splits the transformer into a condition *encoder* and a velocity *decoder*:
 The decoder sees t and y only through the per-token state `s`, which is why a sampler may reuse
 `s` across steps and run the decoder alone (`model(x, t, y, s=s)`).
 
-    from flax import nnx
-    from ddt_jax.models import ddt
-    cfg = ddt.default_model_config(); cfg.variant = "B/2"
-    model = ddt.build_model(cfg, rngs=nnx.Rngs(0))
-    v, s = model(x, t, y)                        # x (B, H, W, C) NHWC, t (B,) in [0, 1] (0 = noise)
-    v, s, h = model(x, t, y, feature_layer=8)    # + hidden state after encoder block 8 (REPA)
-    v2, _ = model(x2, t2, y, s=s)                # decoder only
-
-The DiT baseline (`arch = "dit"`) uses the same blocks, all conditioned on silu(t + y), and no s_embedder.
+The DiT baseline (`arch = "dit"`) uses the same blocks, all conditioned on silu(t + y), and no
+s_embedder.
 """
 from __future__ import annotations
 
@@ -46,9 +39,11 @@ def parse_variant(variant: str) -> tuple[str, int]:
         size, patch = variant.split("/")
         patch = int(patch)
     except ValueError:
-        raise ValueError(f"model variant {variant!r} is not of the form SIZE/PATCH, e.g. 'XL/2' or 'B/1'") from None
+        raise ValueError(f"model variant {variant!r} is not of the form SIZE/PATCH, "
+                         "e.g. 'XL/2' or 'B/1'") from None
     if size not in VARIANTS:
-        raise ValueError(f"unknown model size {size!r} in {variant!r}; known sizes: {sorted(VARIANTS)}")
+        raise ValueError(f"unknown model size {size!r} in {variant!r}; "
+                         f"known sizes: {sorted(VARIANTS)}")
     return size, patch
 
 
@@ -65,7 +60,8 @@ def _check_inputs(model, x, t, y):
     if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and t.shape[0] != b):
         raise ValueError(f"t must be a scalar or shape ({b},), got shape {jnp.shape(t)}")
     if not jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
-        raise TypeError(f"labels y must be integers (null class = {model.num_classes}), got {jnp.asarray(y).dtype}")
+        raise TypeError(f"labels y must be integers (null class = {model.num_classes}), "
+                        f"got {jnp.asarray(y).dtype}")
     if jnp.shape(y) != (b,):
         raise ValueError(f"labels y must have shape ({b},), got {jnp.shape(y)}")
     return b, h, w, c
@@ -81,8 +77,8 @@ class DDT(nnx.Module):
                  num_classes: int = 1000, mlp_ratio: float = 4.0, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         if not 0 < num_encoder_blocks < num_blocks:
-            raise ValueError(f"num_encoder_blocks must be in [1, num_blocks - 1] = [1, {num_blocks - 1}], "
-                             f"got {num_encoder_blocks}")
+            raise ValueError("num_encoder_blocks must be in [1, num_blocks - 1] = "
+                             f"[1, {num_blocks - 1}], got {num_encoder_blocks}")
         self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
         self.num_heads, self.num_blocks, self.num_classes = num_heads, num_blocks, num_classes
         self.num_encoder_blocks = num_encoder_blocks
@@ -92,8 +88,10 @@ class DDT(nnx.Module):
         self.x_embedder = layers.PatchEmbed(patch_features, hidden_size, **kw)
         self.s_embedder = layers.PatchEmbed(patch_features, hidden_size, **kw)
         self.t_embedder = layers.TimestepEmbedder(hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = nnx.List([layers.Block(hidden_size, num_heads, mlp_ratio, **kw) for _ in range(num_blocks)])
+        self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, param_dtype=param_dtype,
+                                               rngs=rngs)
+        self.blocks = nnx.List([layers.Block(hidden_size, num_heads, mlp_ratio, **kw)
+                                for _ in range(num_blocks)])
         self.final_layer = layers.FinalLayer(hidden_size, patch_features, **kw)
 
     def num_tokens(self, height: int, width: int) -> int:
@@ -104,14 +102,17 @@ class DDT(nnx.Module):
         p = self.patch_size
         n = self.num_tokens(h, w)
         if s is not None and s.shape != (b, n, self.hidden_size):
-            raise ValueError(f"encoder state s must have shape {(b, n, self.hidden_size)}, got {s.shape}")
+            raise ValueError(f"encoder state s must have shape {(b, n, self.hidden_size)}, "
+                             f"got {s.shape}")
         if feature_layer is not None:
             if s is not None:
                 raise ValueError("feature_layer needs the encoder to run: do not pass s with it")
             if not 1 <= feature_layer <= self.num_encoder_blocks:
-                raise ValueError(f"feature_layer is 1-based and must be in [1, {self.num_encoder_blocks}] "
-                                 f"(encoder blocks), got {feature_layer}")
-        rope = jnp.asarray(layers.rope_2d_angles(self.hidden_size // self.num_heads, h // p, w // p))
+                raise ValueError("feature_layer is 1-based and must be in "
+                                 f"[1, {self.num_encoder_blocks}] (encoder blocks), "
+                                 f"got {feature_layer}")
+        rope = jnp.asarray(layers.rope_2d_angles(self.hidden_size // self.num_heads, h // p,
+                                                 w // p))
         tokens = layers.patchify(x, p)
         t_emb = self.t_embedder(jnp.broadcast_to(t, (b,)))[:, None, :]
         feature = None
@@ -132,23 +133,30 @@ class DDT(nnx.Module):
 
 
 class DiT(nnx.Module):
-    """The improved DiT baseline: the same blocks, all conditioned on silu(t + y); no encoder state."""
+    """The improved DiT baseline: the same blocks, all conditioned on silu(t + y).
+
+    There is no encoder state: `s` is always None.
+    """
 
     is_decoupled = False
 
     def __init__(self, *, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152,
                  num_heads: int = 16, num_blocks: int = 28, num_classes: int = 1000,
-                 mlp_ratio: float = 4.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 mlp_ratio: float = 4.0, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
         self.num_heads, self.num_blocks, self.num_classes = num_heads, num_blocks, num_classes
-        self.num_encoder_blocks = num_blocks  # every block is an "encoder" block for feature_layer purposes
+        # Every block is an "encoder" block for feature_layer purposes.
+        self.num_encoder_blocks = num_blocks
         self.dtype = dtype
         patch_features = in_channels * patch_size * patch_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.x_embedder = layers.PatchEmbed(patch_features, hidden_size, **kw)
         self.t_embedder = layers.TimestepEmbedder(hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = nnx.List([layers.Block(hidden_size, num_heads, mlp_ratio, **kw) for _ in range(num_blocks)])
+        self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, param_dtype=param_dtype,
+                                               rngs=rngs)
+        self.blocks = nnx.List([layers.Block(hidden_size, num_heads, mlp_ratio, **kw)
+                                for _ in range(num_blocks)])
         self.final_layer = layers.FinalLayer(hidden_size, patch_features, **kw)
 
     num_tokens = DDT.num_tokens
@@ -158,9 +166,11 @@ class DiT(nnx.Module):
             raise ValueError("the DiT baseline has no encoder state to reuse: call it without s")
         b, h, w, c = _check_inputs(self, x, t, y)
         if feature_layer is not None and not 1 <= feature_layer <= self.num_blocks:
-            raise ValueError(f"feature_layer is 1-based and must be in [1, {self.num_blocks}], got {feature_layer}")
+            raise ValueError(f"feature_layer is 1-based and must be in [1, {self.num_blocks}], "
+                             f"got {feature_layer}")
         p = self.patch_size
-        rope = jnp.asarray(layers.rope_2d_angles(self.hidden_size // self.num_heads, h // p, w // p))
+        rope = jnp.asarray(layers.rope_2d_angles(self.hidden_size // self.num_heads, h // p,
+                                                 w // p))
         t_emb = self.t_embedder(jnp.broadcast_to(t, (b,)))[:, None, :]
         cond = jax.nn.silu(t_emb + self.y_embedder(y)[:, None, :])
         out = self.x_embedder(layers.patchify(x, p))
@@ -177,11 +187,12 @@ class DiT(nnx.Module):
 class REPAProjector(nnx.Module):
     """REPA head: Linear(h, d) - SiLU - Linear(d, d) - SiLU - Linear(d, out), torch-default init.
 
-    Maps the hidden state after encoder block `align_layer` to the DINOv2 feature width (768 for B/14).
+    Maps the hidden state after encoder block `align_layer` to the DINOv2 feature width (768 for
+    B/14).
     """
 
-    def __init__(self, hidden_size: int, projector_dim: int, out_dim: int = 768, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int, projector_dim: int, out_dim: int = 768, *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_1 = layers.linear(hidden_size, projector_dim, ("embed", "mlp"), **kw)
         self.linear_2 = layers.linear(projector_dim, projector_dim, ("mlp", "embed"), **kw)
@@ -194,49 +205,79 @@ class REPAProjector(nnx.Module):
 
 
 def default_model_config() -> ml_collections.ConfigDict:
-    """Model section of every config; sizes come from `variant` unless overridden."""
+    """Model section of every config; sizes come from `variant` unless set (None = unset)."""
+    placeholder = ml_collections.config_dict.placeholder
     return ml_collections.ConfigDict(dict(
-        arch="ddt",                # "ddt" (encoder/decoder) or "dit" (the plain baseline, for ablations)
-        variant="XL/2",            # SIZE/PATCH: S, B, L, XL with patch 1, 2 or 4
-        num_encoder_blocks=-1,     # -1: the paper's split for the size (S/B 8, L 20, XL 22)
-        hidden_size=-1,            # -1: from the variant (S 384, B 768, L 1024, XL 1152)
-        num_heads=-1,              # -1: from the variant (S 6, B 12, L 16, XL 16)
-        num_blocks=-1,             # -1: from the variant (S/B 12, L 24, XL 28)
-        mlp_ratio=4.0,             # SwiGLU hidden = int(2 * 4h / 3)
-        in_channels=4,             # SD-VAE latents
-        image_size=32,             # latent side (256 px / 8); height x width when image_width > 0
-        image_width=-1,            # -1: square
-        num_classes=1000,          # ImageNet; the label table has num_classes + 1 rows (null class last)
-        dtype="float32",           # compute dtype of matmuls/attention ("bfloat16" on accelerators)
+        arch="ddt",             # "ddt" (encoder/decoder) or "dit" (plain baseline, for ablations)
+        variant="XL/2",         # SIZE/PATCH: S, B, L, XL with patch 1, 2 or 4
+        # None: the paper's split for the size (S/B 8, L 20, XL 22); DiT has no encoder
+        num_encoder_blocks=placeholder(int),
+        hidden_size=placeholder(int),   # None: from the variant (S 384, B 768, L 1024, XL 1152)
+        num_heads=placeholder(int),     # None: from the variant (S 6, B 12, L 16, XL 16)
+        num_blocks=placeholder(int),    # None: from the variant (S/B 12, L 24, XL 28)
+        mlp_ratio=4.0,          # SwiGLU hidden = int(2 * 4h / 3)
+        in_channels=4,          # SD-VAE latents
+        image_size=32,          # latent side (256 px / 8); the height when image_width is set
+        image_width=placeholder(int),   # None: square
+        num_classes=1000,       # ImageNet; the label table has num_classes + 1 rows (null last)
+        dtype="float32",        # compute dtype of matmuls/attention ("bfloat16" on accelerators)
     ))
 
 
+def _size_or_default(config, name: str, default: int) -> int:
+    """`config.name` if set, else the variant's `default`; 0 or negative sizes are errors."""
+    value = config.get(name)
+    if value is None:
+        return default
+    if value < 1:
+        raise ValueError(f"model.{name}={value} must be positive, or None (unset) for the "
+                         f"variant's {default}")
+    return int(value)
+
+
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """Resolves a model config into constructor arguments (variant defaults filled in)."""
+    """Resolves a model config into constructor arguments (variant defaults filled in).
+
+    Args:
+      config: a model section (`default_model_config()` and overrides).
+
+    Returns:
+      The keyword arguments of `DDT` (or `DiT` for arch "dit"), dtype resolved to a jnp dtype.
+    """
     size, patch = parse_variant(config.variant)
     hidden, depth, heads = VARIANTS[size]
     if config.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     kw = dict(
         in_channels=config.in_channels, patch_size=patch,
-        hidden_size=config.hidden_size if config.hidden_size > 0 else hidden,
-        num_heads=config.num_heads if config.num_heads > 0 else heads,
-        num_blocks=config.num_blocks if config.num_blocks > 0 else depth,
+        hidden_size=_size_or_default(config, "hidden_size", hidden),
+        num_heads=_size_or_default(config, "num_heads", heads),
+        num_blocks=_size_or_default(config, "num_blocks", depth),
         num_classes=config.num_classes, mlp_ratio=config.mlp_ratio, dtype=DTYPES[config.dtype])
     if config.arch == "ddt":
-        kw["num_encoder_blocks"] = (config.num_encoder_blocks if config.num_encoder_blocks > 0
-                                    else DEFAULT_ENCODER_BLOCKS[size])
+        kw["num_encoder_blocks"] = _size_or_default(config, "num_encoder_blocks",
+                                                    DEFAULT_ENCODER_BLOCKS[size])
     elif config.arch != "dit":
         raise ValueError(f"model.arch must be 'ddt' or 'dit', got {config.arch!r}")
     return kw
 
 
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DDT | DiT:
-    """Builds DDT or the DiT baseline from a model config (see `default_model_config`)."""
+    """Builds DDT or the DiT baseline from a model config.
+
+    Args:
+      config: a model section (`default_model_config()` and overrides); unset sizes come from the
+        variant.
+      rngs: the parameter initialisation keys, e.g. `nnx.Rngs(0)`.
+
+    Returns:
+      A freshly initialised `DDT` (arch "ddt") or `DiT` (arch "dit").
+    """
     kw = model_kwargs(config)
     return DDT(**kw, rngs=rngs) if config.arch == "ddt" else DiT(**kw, rngs=rngs)
 
 
 def count_params(model_or_state) -> int:
-    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    state = (nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module)
+             else model_or_state)
     return sum(int(x.size) for x in jax.tree.leaves(state))

@@ -1,11 +1,5 @@
 """Frozen DINOv2 ViT-{S,B,L,G}/14 (torch-hub `dinov2_vit*14`) in Flax NNX: the REPA target of DDT.
 
-Usage:
-    import jax.numpy as jnp
-    from ddt_jax import convert
-    dino = convert.load_dinov2("dinov2_vitb14_pretrain.pth", dtype=jnp.bfloat16)
-    feats = dino(images)   # (B, H, W, 3) uint8 or float in [0, 1] -> (B, N, 768) float32, no gradient
-
 `dino(images)` is exactly the DDT REPA feature path (`DINOv2.forward` of the official
 `training_repa.py`): ImageNet mean/std normalisation; torch bicubic resize (a=-0.75, no antialias)
 to (int(224*H/256), int(224*W/256)); the 37x37 position grid resampled to the patch grid with
@@ -58,21 +52,27 @@ LN_EPS = 1e-6  # dinov2 builds every LayerNorm with eps 1e-6 (torch's default is
 
 
 def repa_input_size(height: int, width: int) -> tuple[int, int]:
-    """The size the official REPA code resizes an HxW image to before DINOv2: 256 -> 224, 512 -> 448."""
+    """The size the official REPA code resizes an HxW image to before DINOv2.
+
+    256 -> 224, 512 -> 448.
+    """
     return int(224 * height / 256), int(224 * width / 256)
 
 
 def swiglu_hidden_dim(embed_dim: int, mlp_ratio: float = 4.0) -> int:
-    """dinov2's SwiGLUFFNFused width: 2/3 of the MLP width rounded up to a multiple of 8 (G: 4096)."""
+    """dinov2's SwiGLUFFNFused width: 2/3 of the MLP width, rounded up to a multiple of 8.
+
+    4096 for G.
+    """
     return (int(int(embed_dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
 
 
 # ----------------------------------------------------------------------------- resampling helpers
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
-    """torch's cubic convolution weights (A = -0.75) for taps at -1, 0, 1, 2 from floor(src); (..., 4).
+    """torch's cubic convolution weights (A = -0.75) for taps at -1, 0, 1, 2 from floor(src).
 
-    Same float32 operations as torch's `get_cubic_upsample_coefficients`.
+    Returns (..., 4); the same float32 operations as torch's `get_cubic_upsample_coefficients`.
     """
     a, one = np.float32(-0.75), np.float32(1)
 
@@ -86,8 +86,9 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float | None = None) -> np.ndarray:
-    """(out_size, in_size) float32 matrix M with `M @ x` == torch `F.interpolate(x, mode="bicubic")`.
+def torch_bicubic_matrix(in_size: int, out_size: int,
+                         scale_factor: float | None = None) -> np.ndarray:
+    """(out_size, in_size) float32 M with `M @ x` == torch `F.interpolate(x, mode="bicubic")`.
 
     This is torch's non-antialiased bicubic along one axis: the a=-0.75 cubic kernel,
     align_corners=False, source index `(dst + 0.5) * scale - 0.5` (not clamped at 0 for cubic) and
@@ -114,7 +115,10 @@ def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float | None
 
 def resize_bicubic_torch(x: jax.Array, size: tuple[int, int],
                          scale_factor: tuple[float, float] | None = None) -> jax.Array:
-    """Resizes NHWC `x` to `size` like torch's bicubic `F.interpolate` without antialias (see above)."""
+    """Resizes NHWC `x` to `size` like torch's bicubic `F.interpolate` without antialias.
+
+    See `torch_bicubic_matrix`.
+    """
     (h_in, w_in), (h_out, w_out) = x.shape[1:3], size
     sh, sw = (None, None) if scale_factor is None else scale_factor
     mh = jnp.asarray(torch_bicubic_matrix(h_in, h_out, sh))
@@ -146,7 +150,8 @@ def resample_abs_pos_embed(pos_embed: jax.Array, new_size: tuple[int, int],
     return jnp.concatenate([prefix.astype(jnp.float32), grid.reshape(1, h * w, dim)], axis=1)
 
 
-def interpolate_pos_encoding(pos_embed: jax.Array, h0: int, w0: int, offset: float = 0.1) -> jax.Array:
+def interpolate_pos_encoding(pos_embed: jax.Array, h0: int, w0: int,
+                             offset: float = 0.1) -> jax.Array:
     """dinov2's `DinoVisionTransformer.interpolate_pos_encoding` for an h0 x w0 patch grid.
 
     Returns `pos_embed` unchanged when it has h0*w0 grid tokens and the grid is square. Otherwise
@@ -161,9 +166,10 @@ def interpolate_pos_encoding(pos_embed: jax.Array, h0: int, w0: int, offset: flo
     side = math.isqrt(num_pos)
     if side * side != num_pos:
         raise ValueError(
-            f"dinov2's interpolate_pos_encoding needs a square position grid, got {num_pos} tokens for "
-            f"a {h0}x{w0} patch grid (the official code fails `assert N == M * M` here). For "
-            "non-square images use DINOv2(..., nonsquare='direct'), which uses the resampled grid as is")
+            f"dinov2's interpolate_pos_encoding needs a square position grid, got {num_pos} "
+            f"tokens for a {h0}x{w0} patch grid (the official code fails `assert N == M * M` "
+            "here). For non-square images use DINOv2(..., nonsquare='direct'), which uses the "
+            "resampled grid as is")
     scale = ((h0 + offset) / side, (w0 + offset) / side)
     # torch derives the output size as floor(M * scale_factor) and then asserts it is (h0, w0).
     out = (math.floor(side * scale[0]), math.floor(side * scale[1]))
@@ -172,7 +178,8 @@ def interpolate_pos_encoding(pos_embed: jax.Array, h0: int, w0: int, offset: flo
     dim = pos_embed.shape[-1]
     grid = pos_embed[:, 1:].astype(jnp.float32).reshape(1, side, side, dim)
     grid = resize_bicubic_torch(grid, (h0, w0), scale_factor=scale)
-    return jnp.concatenate([pos_embed[:, :1].astype(jnp.float32), grid.reshape(1, h0 * w0, dim)], axis=1)
+    return jnp.concatenate([pos_embed[:, :1].astype(jnp.float32), grid.reshape(1, h0 * w0, dim)],
+                           axis=1)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -218,7 +225,8 @@ class Attention(nnx.Module):
     def __call__(self, x):
         b, n, d = x.shape
         # torch's qkv layout: the 3*D outputs are (3, heads, head_dim).
-        q, k, v = jnp.unstack(self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads), axis=2)
+        q, k, v = jnp.unstack(
+            self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads), axis=2)
         # scale 1/sqrt(head_dim); logits and softmax are computed in float32 whatever q/k's dtype.
         out = jax.nn.dot_product_attention(q, k, v)
         return self.proj(out.reshape(b, n, d))
@@ -230,7 +238,8 @@ class Mlp(nnx.Module):
         self.fc2 = _linear(hidden, dim, ("mlp", "embed"), dtype, rngs)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # torch nn.GELU is the erf form
+        # torch's nn.GELU is the erf form.
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class SwiGLUFFN(nnx.Module):
@@ -276,8 +285,9 @@ class PatchEmbed(nnx.Module):
         b, h, w, _ = x.shape
         p = self.patch_size
         if h % p or w % p:
-            raise ValueError(f"DINOv2 input {h}x{w} is not a multiple of the patch size {p}; with the "
-                             f"REPA resize (224/256) use image sides that are multiples of 16")
+            raise ValueError(f"DINOv2 input {h}x{w} is not a multiple of the patch size {p}; "
+                             "with the REPA resize (224/256) use image sides that are multiples "
+                             "of 16")
         x = self.proj(x)
         return x.reshape(b, (h // p) * (w // p), x.shape[-1])  # row-major, as torch's flatten(2)
 
@@ -313,14 +323,16 @@ class DINOv2(nnx.Module):
         key, tokens = rngs.params, (None, None, "embed")
         self.cls_token = _param(1e-6 * jax.random.normal(key(), (1, 1, embed_dim)), tokens)
         self.pos_embed = _param(
-            0.02 * jax.random.truncated_normal(key(), -2.0, 2.0, (1, 1 + grid * grid, embed_dim)), tokens)
+            0.02 * jax.random.truncated_normal(key(), -2.0, 2.0, (1, 1 + grid * grid, embed_dim)),
+            tokens)
         # unused here (no masking); kept so every published key has a home
         self.mask_token = _param(jnp.zeros((1, embed_dim)), (None, "embed"))
         if num_register_tokens:
             self.register_tokens = _param(
                 1e-6 * jax.random.normal(key(), (1, num_register_tokens, embed_dim)), tokens)
         self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(embed_dim, num_heads, ffn_layer, ffn_hidden_dim, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(embed_dim, num_heads, ffn_layer, ffn_hidden_dim, dtype=dtype,
+                                      rngs=rngs)
                                 for _ in range(depth)])
         self.norm = _layer_norm(embed_dim, rngs)
 
@@ -331,10 +343,12 @@ class DINOv2(nnx.Module):
         `kwargs` override the table or set other options (e.g. `num_register_tokens=4`, `dtype`).
         """
         if variant not in DINOV2_VARIANTS:
-            raise ValueError(f"unknown DINOv2 variant {variant!r}; choose one of {sorted(DINOV2_VARIANTS)}")
+            raise ValueError(f"unknown DINOv2 variant {variant!r}; "
+                             f"choose one of {sorted(DINOV2_VARIANTS)}")
         return cls(**{**DINOV2_VARIANTS[variant], **kwargs}, rngs=rngs)
 
-    def forward_features(self, x: jax.Array, pos_embed: jax.Array | None = None) -> dict[str, jax.Array]:
+    def forward_features(self, x: jax.Array,
+                         pos_embed: jax.Array | None = None) -> dict[str, jax.Array]:
         """dinov2's `forward_features` on ImageNet-normalised NHWC float images (no masks).
 
         `pos_embed` replaces `self.pos_embed` for this call (what the REPA code does by assigning
@@ -352,7 +366,8 @@ class DINOv2(nnx.Module):
             pos = interpolate_pos_encoding(pos, h0, w0, self.interpolate_offset)
         tokens = tokens + pos
         if self.num_register_tokens:
-            regs = jnp.broadcast_to(self.register_tokens[...], (b, self.num_register_tokens, self.embed_dim))
+            regs = jnp.broadcast_to(self.register_tokens[...],
+                                    (b, self.num_register_tokens, self.embed_dim))
             tokens = jnp.concatenate([tokens[:, :1], regs, tokens[:, 1:]], axis=1)
         for block in self.blocks:
             tokens = block(tokens)
@@ -362,15 +377,19 @@ class DINOv2(nnx.Module):
                 "x_norm_patchtokens": x_norm[:, 1 + r:], "x_prenorm": tokens}
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        """REPA target: (B, H, W, 3) uint8 or float in [0, 1] -> frozen (B, h*w, D) float32 patch features."""
+        """REPA target: (B, H, W, 3) uint8 or float in [0, 1] -> (B, h*w, D) float32 features.
+
+        The patch features are frozen (no gradient flows back).
+        """
         images = jnp.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"DINOv2 expects NHWC RGB images (B, H, W, 3), got shape {images.shape}; "
-                             "transpose NCHW arrays with x.transpose(0, 2, 3, 1)")
+            raise ValueError("DINOv2 expects NHWC RGB images (B, H, W, 3), got shape "
+                             f"{images.shape}; transpose NCHW arrays with x.transpose(0, 2, 3, 1)")
         if images.dtype == jnp.uint8:
             images = images.astype(jnp.float32) / 255.0
         elif not jnp.issubdtype(images.dtype, jnp.floating):
-            raise ValueError(f"DINOv2 expects uint8 images or float images in [0, 1], got {images.dtype}")
+            raise ValueError("DINOv2 expects uint8 images or float images in [0, 1], "
+                             f"got {images.dtype}")
         x = images.astype(jnp.float32)
         x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
         x = resize_bicubic_torch(x, repa_input_size(*x.shape[1:3]))

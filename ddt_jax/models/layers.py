@@ -1,4 +1,4 @@
-"""Building blocks shared by DDT and the DiT baseline, ported to Flax NNX with exact official numerics.
+"""Building blocks shared by DDT and the DiT baseline, in Flax NNX with exact official numerics.
 
 Every parameter carries logical axis names (see `sharding.py` for the rules that map them to the
 `data` / `fsdp` / `tensor` mesh axes):
@@ -69,7 +69,8 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = NORM_EPS, param_dtype=jnp.float32):
         self.eps = eps
-        self.weight = nnx.Param(partitioned(nnx.initializers.ones, ("norm",))(None, (dim,), param_dtype))
+        self.weight = nnx.Param(
+            partitioned(nnx.initializers.ones, ("norm",))(None, (dim,), param_dtype))
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -90,7 +91,8 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-def timestep_frequencies(t, dim: int = TIMESTEP_FREQ_CHANNELS, max_period: float = TIMESTEP_MAX_PERIOD):
+def timestep_frequencies(t, dim: int = TIMESTEP_FREQ_CHANNELS,
+                         max_period: float = TIMESTEP_MAX_PERIOD):
     """Sinusoidal features of t in [cos, sin] order, float32."""
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
@@ -102,12 +104,15 @@ def timestep_frequencies(t, dim: int = TIMESTEP_FREQ_CHANNELS, max_period: float
 
 
 class TimestepEmbedder(nnx.Module):
-    """t -> 256 sinusoid channels -> Linear -> SiLU -> Linear (kept in float32: it conditions every block)."""
+    """t -> 256 sinusoid channels -> Linear -> SiLU -> Linear.
+
+    Kept in float32: it conditions every block.
+    """
 
     def __init__(self, hidden_size: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         normal = nnx.initializers.normal(0.02)
-        self.mlp_in = linear(TIMESTEP_FREQ_CHANNELS, hidden_size, ("freq", "embed"), kernel_init=normal,
-                             param_dtype=param_dtype, rngs=rngs)
+        self.mlp_in = linear(TIMESTEP_FREQ_CHANNELS, hidden_size, ("freq", "embed"),
+                             kernel_init=normal, param_dtype=param_dtype, rngs=rngs)
         self.mlp_out = linear(hidden_size, hidden_size, ("mlp", "embed"), kernel_init=normal,
                               param_dtype=param_dtype, rngs=rngs)
 
@@ -118,11 +123,13 @@ class TimestepEmbedder(nnx.Module):
 class LabelEmbedder(nnx.Module):
     """Label table with num_classes + 1 rows; the last row is the null (unconditional) class."""
 
-    def __init__(self, num_classes: int, hidden_size: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, num_classes: int, hidden_size: int, *, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.num_classes = num_classes
         self.embedding_table = nnx.Embed(
             num_classes + 1, hidden_size, param_dtype=param_dtype,
-            embedding_init=partitioned(nnx.initializers.normal(0.02), ("classes", "embed")), rngs=rngs)
+            embedding_init=partitioned(nnx.initializers.normal(0.02), ("classes", "embed")),
+            rngs=rngs)
 
     def __call__(self, y):
         return self.embedding_table(y)
@@ -134,8 +141,9 @@ class PatchEmbed(nnx.Module):
     def __init__(self, patch_features: int, hidden_size: int, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.proj = linear(patch_features, hidden_size, ("patch", "embed"),
-                           kernel_init=nnx.initializers.xavier_uniform(), bias_init=nnx.initializers.zeros,
-                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                           kernel_init=nnx.initializers.xavier_uniform(),
+                           bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
 
     def __call__(self, x):
         return self.proj(x)
@@ -174,7 +182,8 @@ def rope_2d_angles(head_dim: int, height: int, width: int, theta: float = ROPE_T
     """Rotation angles (N, head_dim/2) of the 2-D RoPE, one per adjacent element pair.
 
     Pair 2m rotates with the x position and pair 2m+1 with the y position, both at frequency
-    1/theta^(4m/head_dim); positions are linspace(0, 16, side) so any resolution spans the same range.
+    1/theta^(4m/head_dim); positions are linspace(0, 16, side) so any resolution spans the same
+    range.
     """
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim} "
@@ -190,7 +199,7 @@ def rope_2d_angles(head_dim: int, height: int, width: int, theta: float = ROPE_T
 
 
 def apply_rope(x, angles):
-    """Rotates adjacent pairs of x (B, N, H, D) by angles (N, D/2), in float32 (complex multiply)."""
+    """Rotates adjacent pairs of x (B, N, H, D) by angles (N, D/2) in float32 (complex multiply)."""
     b, n, h, d = x.shape
     xf = x.astype(jnp.float32).reshape(b, n, h, d // 2, 2)
     re, im = xf[..., 0], xf[..., 1]
@@ -201,17 +210,20 @@ def apply_rope(x, angles):
 
 
 class RoPEAttention(nnx.Module):
-    """Multi-head self-attention: qkv without bias, per-head q/k RMSNorm, 2-D RoPE, proj with bias."""
+    """Multi-head self-attention: qkv without bias, per-head q/k RMSNorm, 2-D RoPE.
 
-    def __init__(self, hidden_size: int, num_heads: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    The output projection `proj` has a bias.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.dtype = dtype
-        self.qkv = linear(hidden_size, 3 * hidden_size, ("embed", "qkv"), use_bias=False, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+        self.qkv = linear(hidden_size, 3 * hidden_size, ("embed", "qkv"), use_bias=False,
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_norm = RMSNorm(self.head_dim, param_dtype=param_dtype)
         self.k_norm = RMSNorm(self.head_dim, param_dtype=param_dtype)
         self.proj = linear(hidden_size, hidden_size, ("heads", "embed"), dtype=dtype,
@@ -230,7 +242,10 @@ class RoPEAttention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    """w2(silu(w1 x) * w3 x) without biases; hidden int(2 * 4h / 3) as in the official FeedForward."""
+    """w2(silu(w1 x) * w3 x) without biases.
+
+    Hidden width int(2 * 4h / 3), as in the official FeedForward.
+    """
 
     def __init__(self, hidden_size: int, mlp_ratio: float = 4.0, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -251,8 +266,8 @@ class Block(nnx.Module):
     adaLN is a single Linear: the caller has already applied the SiLU.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = RMSNorm(hidden_size, param_dtype=param_dtype)
         self.attn = RoPEAttention(hidden_size, num_heads, **kw)
@@ -269,12 +284,16 @@ class Block(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-    """LayerNorm (no affine) + 2-way adaLN + Linear to C*p*p; zero-initialised like the official model."""
+    """LayerNorm (no affine) + 2-way adaLN + Linear to C*p*p.
 
-    def __init__(self, hidden_size: int, patch_features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    Zero-initialised like the official model.
+    """
+
+    def __init__(self, hidden_size: int, patch_features: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         zeros = nnx.initializers.zeros
-        kw = dict(kernel_init=zeros, bias_init=zeros, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(kernel_init=zeros, bias_init=zeros, dtype=dtype, param_dtype=param_dtype,
+                  rngs=rngs)
         self.adaLN_modulation = linear(hidden_size, 2 * hidden_size, ("embed", "mlp"), **kw)
         self.linear = linear(hidden_size, patch_features, ("embed", "patch"), **kw)
 

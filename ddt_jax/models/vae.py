@@ -1,14 +1,5 @@
 """The Stable Diffusion VAE (`stabilityai/sd-vae-ft-ema`) in Flax NNX, NHWC.
 
-Usage:
-    from ddt_jax import convert
-    from ddt_jax.models import vae as vae_lib
-
-    vae = convert.load_vae("/data/sd-vae-ft-ema")        # diffusers folder or one weight file
-    mean, logvar = vae.encode(images)                     # images (B, H, W, 3) in [-1, 1]
-    z = vae_lib.sample_latents(jnp.concatenate([mean, logvar], -1), key)   # model-space latents
-    images = vae.decode(z)                                # (B, H, W, 3), roughly [-1, 1]
-
 THE SCALING FACTOR (0.18215 for the SD-VAE) IS APPLIED ONLY IN THIS MODULE: `sample_latents`
 multiplies by it and `decode` divides by it. Everything else (the latent cache on disk, the data
 pipeline, the diffusion model, the sampler) sees either raw moments (`encode`, unscaled, what the
@@ -69,7 +60,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "VAEConfig":
-        """Reads a diffusers `AutoencoderKL` config dict (e.g. a parsed config.json); validates it."""
+        """Reads and validates a diffusers `AutoencoderKL` config dict (a parsed config.json)."""
         config = {k: v for k, v in config.items()
                   if not k.startswith("_") and k not in _IGNORED_CONFIG_KEYS}
         block_out_channels = tuple(int(c) for c in config.get("block_out_channels",
@@ -144,7 +135,10 @@ class GroupNorm(nnx.Module):
 
 
 class ResnetBlock(nnx.Module):
-    """GroupNorm-SiLU-conv twice plus a (1x1-projected when widths differ) skip; no time embedding."""
+    """GroupNorm-SiLU-conv twice plus a skip (1x1-projected when widths differ).
+
+    No time embedding.
+    """
 
     def __init__(self, cin: int, cout: int, groups: int, *, dtype, rngs: nnx.Rngs):
         self.norm1 = GroupNorm(cin, groups, dtype=dtype)
@@ -296,7 +290,8 @@ class AutoencoderKL(nnx.Module):
         cfg = self.config
         if images.ndim != 4 or images.shape[-1] != cfg.in_channels:
             raise ValueError(f"VAE.encode: expected NHWC images (B, H, W, {cfg.in_channels}), got "
-                             f"shape {images.shape}; transpose NCHW input with x.transpose(0, 2, 3, 1)")
+                             f"shape {images.shape}; transpose NCHW input with "
+                             "x.transpose(0, 2, 3, 1)")
         f = cfg.downsample_factor
         if images.shape[1] % f or images.shape[2] % f:
             raise ValueError(f"VAE.encode: image size {images.shape[1:3]} is not divisible by the "
@@ -331,7 +326,7 @@ def sample_latents(moments: jax.Array, key: jax.Array,
     [-30, 20] again so that moments cached by other tools behave like diffusers'.
     """
     if moments.shape[-1] % 2:
-        raise ValueError(f"sample_latents: the last axis of moments must be mean||logvar (even), "
+        raise ValueError("sample_latents: the last axis of moments must be mean||logvar (even), "
                          f"got shape {moments.shape}")
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     logvar = jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
