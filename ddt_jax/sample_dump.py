@@ -15,7 +15,6 @@ import json
 import math
 import os
 import pathlib
-import time
 import zipfile
 from typing import Any
 
@@ -29,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from ddt_jax import console
 from ddt_jax import convert
 from ddt_jax import rng
 from ddt_jax import sampler as sampler_lib
@@ -495,40 +495,6 @@ def assemble(output: pathlib.Path, *, num_samples: int, batch_size: int, image_s
 # The dump
 # ----------------------------------------------------------------------------------------------
 
-class _Progress:
-    """tqdm when installed, else a plain log line every 30 s: images/s and ETA either way."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.total, self.done, self.enabled = total, initial, enabled
-        self.start, self.last, self.new = time.time(), 0.0, 0
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, unit="img", smoothing=0.1,
-                                dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, n: int) -> None:
-        self.done, self.new = self.done + n, self.new + n
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.time()
-        if now - self.last >= 30 or self.done == self.total:
-            rate = self.new / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            logging.info("sampled %d / %d images, %.1f images/s, ETA %s", self.done, self.total,
-                         rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
-            self.last = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
 
 def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *,
          max_batches: int | None = None) -> pathlib.Path | None:
@@ -581,7 +547,8 @@ def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *,
         # The last batch is padded (label 0) to keep one compiled shape; its extra rows are dropped.
         return np.pad(chunk, (0, args.batch_size - len(chunk)))
 
-    progress = _Progress(args.num_samples, finished, enabled=process == 0)
+    progress = console.Progress(args.num_samples, initial=finished, enabled=process == 0,
+                                verb="sampled")
     # One batch in flight while the previous one is written: the device never waits for the disk.
     pending = None
     for b in todo + [None]:

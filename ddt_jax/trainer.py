@@ -468,6 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> weigh
                  local_batch)
 
     # ---- Data -----------------------------------------------------------------------------------
+    pipeline.check_latent_scaling(config.data, config.vae.scaling_factor)
     data_iter = pipeline.create_train_iterator(
         config.data, global_batch_size=config.global_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed)

@@ -20,7 +20,6 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp

@@ -125,15 +125,44 @@ def element_spec(data_config: ml_collections.ConfigDict) -> dict[str, jax.ShapeD
     else:
         raise ValueError(f"unknown data.source {data_config.source!r}; "
                          "use 'array_record' or 'synthetic'")
-    if not data_config.with_image:
-        spec.pop("image", None)
+    for field in _unused_fields(data_config):
+        spec.pop(field, None)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in sorted(spec.items())}
 
 
-def _drop_image(example: dict) -> dict:
-    # A module-level function (not a lambda) so worker processes can unpickle the pipeline.
-    example.pop("image", None)
-    return example
+def check_latent_scaling(data_config: ml_collections.ConfigDict, scaling_factor: float) -> None:
+    """Raises when the shards were cached with a VAE of another scaling factor than the run's
+    `vae.scaling_factor` (latents would train at the wrong scale, silently).
+
+    Args:
+      data_config: the data section; only latent shards with a recorded VAE are checked.
+      scaling_factor: the run's `vae.scaling_factor`.
+    """
+    if data_config.source != "array_record" or data_config.kind != "latent":
+        return
+    recorded = records.read_info(_shard_directory(data_config)).get("vae", {})
+    cached = recorded.get("scaling_factor") if isinstance(recorded, dict) else None
+    if cached is not None and abs(cached - scaling_factor) > 1e-6 * abs(cached):
+        raise ValueError(f"{data_config.path} was cached with a VAE of scaling_factor {cached} "
+                         f"but vae.scaling_factor={scaling_factor}: set "
+                         f"--config.vae.scaling_factor={cached} or use shards of the run's VAE")
+
+
+def _unused_fields(data_config) -> tuple[str, ...]:
+    """Record fields the train step never reads: `source_id` (the record's provenance) always,
+    `image` unless REPA needs it."""
+    return ("source_id",) if data_config.with_image else ("source_id", "image")
+
+
+class _DropFields:
+    # A module-level class (not a lambda) so worker processes can unpickle the pipeline.
+    def __init__(self, fields: tuple[str, ...]):
+        self.fields = fields
+
+    def __call__(self, example: dict) -> dict:
+        for field in self.fields:
+            example.pop(field, None)
+        return example
 
 
 def create_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
@@ -160,8 +189,7 @@ def create_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch
     ds = ds.shuffle(seed=shuffle_seed)
     ds = ds[process_index::process_count]
     ds = ds.repeat()   # forever: the trainer counts steps, not epochs
-    if not data_config.with_image:
-        ds = ds.map(_drop_image)
+    ds = ds.map(_DropFields(_unused_fields(data_config)))
     # Batches span epoch boundaries (repeat comes first), so no example is ever dropped.
     ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,

@@ -25,7 +25,8 @@ LAYERS = (
     ("ddt_jax.convert", "ddt_jax.flow", "ddt_jax.evaluation.mnist_classifier",
      "ddt_jax.evaluation.mnist_eval"),
     ("ddt_jax.weights", "ddt_jax.config_schema", "ddt_jax.evaluation.grids"),
-    ("ddt_jax.convert.cli", "ddt_jax.sample_dump", "ddt_jax.trainer"),
+    ("ddt_jax.convert.cli", "ddt_jax.sample_dump", "ddt_jax.trainer",
+     "input_pipeline.prepare_imagenet"),
     ("ddt_jax.convert.__main__",),
 )
 
