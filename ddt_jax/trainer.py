@@ -299,27 +299,18 @@ def restore_init_from(config, path: str, layout: StateLayout,
         raise FileNotFoundError(f"init_from={path!r} is neither a run directory, a converted "
                                 "model directory nor a checkpoint file")
     depth = config.model.num_encoder_blocks if config.model.arch == "ddt" else None
-    abstract_model = layout.abstract.params[weights.MODEL]
-    params = dict(state.params)
-    if weights.has_both_copies(path):
-        params[weights.MODEL] = weights.load_model_params(path, abstract_model, which="raw",
-                                                          num_encoder_blocks=depth)
-        ema = weights.load_model_params(path, layout.abstract.ema_params, which="ema",
-                                        num_encoder_blocks=depth)
-    else:   # one set of weights serves as both
-        params[weights.MODEL] = weights.load_model_params(path, abstract_model,
-                                                          num_encoder_blocks=depth)
-        ema = jax.tree.map(jnp.copy, params[weights.MODEL])
-    projector = None
-    if weights.PROJECTOR in state.params:
-        projector = weights.load_projector_params(path, layout.abstract.params[weights.PROJECTOR])
-        if projector is not None:
-            params[weights.PROJECTOR] = projector
-        else:
-            logging.warning("init_from %s: no usable REPA projector; it starts from scratch", path)
+    abstract_projector = layout.abstract.params.get(weights.PROJECTOR)
+    init = weights.load_init_weights(path, layout.abstract.params[weights.MODEL],
+                                     abstract_projector, num_encoder_blocks=depth)
+    params = {**state.params, weights.MODEL: init.params}
+    projector = init.projector
+    if projector is not None:
+        params[weights.PROJECTOR] = projector
+    elif abstract_projector is not None:
+        logging.warning("init_from %s: no usable REPA projector; it starts from scratch", path)
     logging.info("initialised the model and EMA%s from %s",
                  " and REPA projector" if projector is not None else "", path)
-    return state.replace(params=params, ema_params=ema)
+    return state.replace(params=params, ema_params=init.ema)
 
 
 # -------------------------------------------------------------------------------------------------

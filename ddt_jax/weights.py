@@ -235,15 +235,34 @@ def load_model_params(path: str | os.PathLike, abstract: dict[str, Any], *, whic
         restored = checkpoint_lib.restore_params(path, _run_subtree(which, abstract), step=step)
         return _from_run_subtree(which, restored)
     if path.is_file():
-        state_dict = convert.read_state_dict(path)
-        weights, _ = convert.split_ddt_checkpoint(state_dict, use_ema=which == "ema")
-        config = convert.infer_ddt_config(weights, num_encoder_blocks=num_encoder_blocks,
-                                          name_hint=str(path))
-        model = convert.ddt_from_state_dict(weights, config)
-        return place(nnx.state(model, nnx.Param).to_pure_dict(), abstract,
-                     what=f"the weights in {path}")
+        return _file_model_params(convert.read_state_dict(path), path, abstract, which,
+                                  num_encoder_blocks)
     raise FileNotFoundError(f"{path} is neither a run directory, a converted model directory "
                             f"({HOW_TO_CONVERT}) nor a checkpoint file")
+
+
+def _file_model_params(state_dict, path: pathlib.Path, abstract, which: str,
+                       num_encoder_blocks: int | None):
+    """The raw or EMA model of an official file's (already read) state dict, placed."""
+    weights, _ = convert.split_ddt_checkpoint(state_dict, use_ema=which == "ema")
+    config = convert.infer_ddt_config(weights, num_encoder_blocks=num_encoder_blocks,
+                                      name_hint=str(path))
+    model = convert.ddt_from_state_dict(weights, config)
+    return place(nnx.state(model, nnx.Param).to_pure_dict(), abstract,
+                 what=f"the weights in {path}")
+
+
+def _file_projector_params(state_dict, path: pathlib.Path, abstract):
+    module = convert.repa_projector_from_state_dict(state_dict)
+    if module is None:
+        return None
+    return place(nnx.state(module, nnx.Param).to_pure_dict(), abstract,
+                 what=f"the REPA projector in {path}")
+
+
+def _has_lightning_copies(state_dict) -> bool:
+    return any(k.startswith(convert.LIGHTNING_EMA_PREFIX) for k in state_dict) and any(
+        k.startswith(convert.LIGHTNING_RAW_PREFIX) for k in state_dict)
 
 
 def has_both_copies(path: str | os.PathLike) -> bool:
@@ -253,9 +272,7 @@ def has_both_copies(path: str | os.PathLike) -> bool:
         return False
     if is_run_dir(path):
         return True
-    keys = convert.read_state_dict(path)
-    return any(k.startswith(convert.LIGHTNING_EMA_PREFIX) for k in keys) and any(
-        k.startswith(convert.LIGHTNING_RAW_PREFIX) for k in keys)
+    return _has_lightning_copies(convert.read_state_dict(path))
 
 
 def load_projector_params(path: str | os.PathLike, abstract: dict[str, Any],
@@ -283,11 +300,49 @@ def load_projector_params(path: str | os.PathLike, abstract: dict[str, Any],
             logging.warning("%s: no usable REPA projector (%s)", path, e)
             return None
         return restored["params"][PROJECTOR]
-    module = convert.load_repa_projector(path)
-    if module is None:
-        return None
-    return place(nnx.state(module, nnx.Param).to_pure_dict(), abstract,
-                 what=f"the REPA projector in {path}")
+    return _file_projector_params(convert.read_state_dict(path), path, abstract)
+
+
+@flax.struct.dataclass
+class InitWeights:
+    """What a fresh run starts from: its own arrays for each (never one buffer twice, since the
+    train step donates the state)."""
+    params: dict[str, Any]                 # the model's raw weights
+    ema: dict[str, Any]                    # its EMA (a copy of `params` where there is one set)
+    projector: dict[str, Any] | None       # the REPA projector, None where the source has none
+
+
+def load_init_weights(path: str | os.PathLike, abstract_model: dict[str, Any],
+                      abstract_projector: dict[str, Any] | None = None, *,
+                      num_encoder_blocks: int | None = None) -> InitWeights:
+    """Raw weights, EMA and REPA projector to start a run from, reading the source once.
+
+    Args:
+      path: as for `load_model_params`.
+      abstract_model: the model's pure dict of ShapeDtypeStructs with shardings (the EMA has the
+        same layout).
+      abstract_projector: the projector's, or None when the run has no REPA.
+      num_encoder_blocks: official files only: the encoder depth (see `read_model_config`).
+
+    Returns:
+      An InitWeights placed in the given shardings.
+    """
+    path = pathlib.Path(path).absolute()
+    if path.is_file():   # one read of a file that is 2.7 GB for XL/2
+        state_dict = convert.read_state_dict(path)
+        both = _has_lightning_copies(state_dict)
+        params = _file_model_params(state_dict, path, abstract_model, "raw" if both else "ema",
+                                    num_encoder_blocks)
+        ema = _file_model_params(state_dict, path, abstract_model, "ema", num_encoder_blocks)
+        projector = (None if abstract_projector is None
+                     else _file_projector_params(state_dict, path, abstract_projector))
+        return InitWeights(params=params, ema=ema, projector=projector)
+    both = is_run_dir(path)   # a converted directory holds one set, which serves as both
+    params = load_model_params(path, abstract_model, which="raw" if both else "ema")
+    ema = load_model_params(path, abstract_model, which="ema")
+    projector = (None if abstract_projector is None
+                 else load_projector_params(path, abstract_projector))
+    return InitWeights(params=params, ema=ema, projector=projector)
 
 
 def load_converted(directory: str | os.PathLike, *, dtype: str | None = None, sharding=None

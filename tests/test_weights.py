@@ -173,3 +173,22 @@ def test_two_processes_each_load_only_their_shards(tmp_path):
     # Each process holds a different half of the FSDP-split kernel.
     assert reports[0]["kernel_rows"] != reports[1]["kernel_rows"]
     assert len(reports[0]["kernel_rows"]) == len(reports[1]["kernel_rows"]) == 4
+
+
+def test_init_weights_read_an_official_file_once(monkeypatch, tmp_path):
+    """init_from a 2.7 GB XL/2 file reads it once for raw, EMA and projector; a converted
+    directory's single set gives the EMA its own arrays (the train step donates the state)."""
+    config = weights.read_model_config(CKPT, num_encoder_blocks=3)
+    _, abstract = fsdp_target(config)
+    reads = []
+    read = convert.read_state_dict
+    monkeypatch.setattr(convert, "read_state_dict", lambda p: reads.append(p) or read(p))
+    init = weights.load_init_weights(CKPT, abstract, num_encoder_blocks=3)
+    assert len(reads) == 1 and init.projector is None
+    assert_placed(init.params, abstract, pure(convert.load_ddt(CKPT, 3, use_ema=False)))
+    assert_placed(init.ema, abstract, pure(convert.load_ddt(CKPT, 3, use_ema=True)))
+    out = weights.save_converted(convert.load_ddt(CKPT, 3), tmp_path / "conv", config)
+    init = weights.load_init_weights(out, abstract)
+    assert_placed(init.ema, abstract, init.params)
+    for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(init.ema)):
+        assert a is not b
