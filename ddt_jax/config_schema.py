@@ -151,8 +151,9 @@ def default_config() -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------------------------------
 # Checking: a misspelt or missing field, or an inconsistent pair, fails before any work.
 
-def _check_fields(where: str, config, schema) -> None:
-    """Recursively: the same field names as the schema in every section."""
+def _check_fields(path: str, config, schema) -> None:
+    """Recursively: the same field names as the schema in every section (`path` "" = the top)."""
+    where = f"section '{path}'" if path else "top level"
     have, want = set(config.keys()), set(schema.keys())
     unknown, missing = sorted(have - want), sorted(want - have)
     if unknown or missing:
@@ -162,11 +163,11 @@ def _check_fields(where: str, config, schema) -> None:
             + f". Expected exactly {sorted(want)}")
     for name in sorted(want):
         if isinstance(schema[name], ml_collections.ConfigDict):
+            field = f"{path}.{name}" if path else name
             if not isinstance(config[name], ml_collections.ConfigDict):
-                raise ValueError(f"config field {name!r} must be a section (ConfigDict), got "
+                raise ValueError(f"config field {field!r} must be a section (ConfigDict), got "
                                  f"{type(config[name]).__name__}")
-            prefix = "" if where == "top level" else where.removeprefix("section ").strip("'") + "."
-            _check_fields(f"section '{prefix}{name}'", config[name], schema[name])
+            _check_fields(field, config[name], schema[name])
 
 
 def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
@@ -177,7 +178,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
       config: a training config (`default_config()` and overrides).
       check_files: also require the weight files the run reads (DINOv2); False for compile-only.
     """
-    _check_fields("top level", config, default_config())
+    _check_fields("", config, default_config())
 
     def require(ok: bool, message: str):
         if not ok:
