@@ -227,6 +227,9 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     require(m.image_size == side and m.image_width in (None, side),
             f"model.image_size={m.image_size} but data.kind={d.kind!r} at "
             f"data.image_size={d.image_size} gives {side}x{side} model inputs")
+    require(not d.flips or (d.source == "array_record" and d.kind == "latent"),
+            f"data.flips picks between the cached moments of a crop and of its mirror: it needs "
+            f"data.source='array_record' and data.kind='latent' (got {d.source!r}, {d.kind!r})")
 
     if config.repa.weight > 0:
         depth = kw.get("num_encoder_blocks", kw["num_blocks"])

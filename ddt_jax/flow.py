@@ -140,6 +140,34 @@ def example_keys(seed: int, step, positions) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(positions)
 
 
+def choose_flips(batch, keys):
+    """data.flips: each example trains on its crop or on its horizontal mirror, by its own key.
+
+    A dataset cached with `prepare_imagenet --flips` holds the VAE moments of both crops
+    ("moments", "moments_flip"): the VAE is not flip-equivariant, so the mirrored latent must be
+    encoded, not mirrored. Each example picks one with probability 1/2 from its key (stream
+    EXAMPLE_FLIP), and its REPA image is mirrored to match. A batch without "moments_flip" is
+    returned unchanged.
+
+    Args:
+      batch: {"moments" (B, h, w, 2C), "moments_flip" (B, h, w, 2C), ["image" (B, H, W, 3)], ...}.
+      keys: (B,) keys from `example_keys`.
+
+    Returns:
+      The batch with "moments" (and "image") replaced by the chosen crop and no "moments_flip".
+    """
+    if "moments_flip" not in batch:
+        return batch
+    batch = dict(batch)
+    flipped = batch.pop("moments_flip")
+    flip = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, rng.EXAMPLE_FLIP)))(keys)
+    batch["moments"] = jnp.where(flip[:, None, None, None], flipped, batch["moments"])
+    if "image" in batch:
+        batch["image"] = jnp.where(flip[:, None, None, None], batch["image"][:, :, ::-1],
+                                   batch["image"])
+    return batch
+
+
 def training_inputs(batch, keys, config):
     """(x, t, noise, labels) of one batch: latents sampled from the cached moments (or the
     pixels), logit-normal t, Gaussian noise and dropped labels, each example from its own key.
@@ -178,13 +206,15 @@ def training_loss(model: nnx.Module, projector: nnx.Module | None, dino: nnx.Mod
       model: the DDT / DiT being trained.
       projector: the REPA projector, or None to train without REPA (then `dino` is unused).
       dino: the frozen DINOv2 that embeds batch["image"] (no gradient flows into it).
-      batch: as for `training_inputs`, with "image" (B, H, W, 3) uint8 when REPA is on.
+      batch: as for `training_inputs`, with "image" (B, H, W, 3) uint8 when REPA is on, and
+        "moments_flip" when data.flips is on (`choose_flips`).
       keys: (B,) keys from `example_keys`.
       config: the run config (flow.*, repa.*, vae.scaling_factor, model.num_classes).
 
     Returns:
       (loss, {"fm_loss", "repa_loss"}), float32 scalars.
     """
+    batch = choose_flips(batch, keys)
     x, t, noise, labels = training_inputs(batch, keys, config)
     x_t = interpolate(x, noise, t)
     if projector is not None:

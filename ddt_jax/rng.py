@@ -19,6 +19,7 @@ EXAMPLE_LATENT = 0      # the latent drawn from the cached VAE moments
 EXAMPLE_T = 1           # its time t
 EXAMPLE_NOISE = 2       # its noise eps
 EXAMPLE_LABEL = 3       # whether its label is dropped to the null class
+EXAMPLE_FLIP = 4        # data.flips: whether it trains on its horizontally flipped crop
 
 # ---- branches of key(--seed) in a sample dump ----------------------------------------------------
 # Batch b of a dump starts from fold_in(key(seed), b) for b = 0, 1, 2, ...; these two streams sit

@@ -35,6 +35,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.num_classes = 1000        # labels in [0, num_classes); the null (CFG) class is num_classes
     # Yield the uint8 'image' field (the REPA DINOv2 target); dropped when False.
     c.with_image = False
+    # Train each example on its crop or its horizontal mirror, chosen per example from the step's
+    # key (flow.choose_flips; fast-DiT style). Needs shards cached with `prepare_imagenet --flips`
+    # (the mirror's own VAE moments). Off in the official recipe, which has no flips.
+    c.flips = False
     c.num_records = 10_000      # synthetic only: dataset size
     c.synthetic_seed = 0        # synthetic only: fixes the content, like a dataset on disk
     # Shuffle seed; unset uses the `seed` given to create_train_iterator (the run seed). Set it to
@@ -69,6 +73,11 @@ def _check_against_info(data_config: ml_collections.ConfigDict, info: dict) -> N
                              f"{data_config.path}/{records.INFO_FILENAME} says {have!r}: set "
                              f"--config.data.{name}={have!r} or point data.path at the right "
                              "dataset")
+    if data_config.flips and "moments_flip" not in spec:
+        raise ValueError("data.flips is set but "
+                         f"{data_config.path} has no 'moments_flip' field: cache the dataset with "
+                         "`python -m input_pipeline.prepare_imagenet --flips` or set "
+                         "data.flips=False")
     if data_config.with_image and "image" not in spec:
         raise ValueError("data.with_image is set (REPA needs the raw image) but "
                          f"{data_config.path} has no 'image' field: cache the dataset with images "
@@ -150,8 +159,9 @@ def check_latent_scaling(data_config: ml_collections.ConfigDict, scaling_factor:
 
 def _unused_fields(data_config) -> tuple[str, ...]:
     """Record fields the train step never reads: `source_id` (the record's provenance) always,
-    `image` unless REPA needs it."""
-    return ("source_id",) if data_config.with_image else ("source_id", "image")
+    `image` unless REPA needs it, `moments_flip` unless data.flips."""
+    return (("source_id",) + (() if data_config.with_image else ("image",))
+            + (() if data_config.flips else ("moments_flip",)))
 
 
 class _DropFields:

@@ -8,7 +8,8 @@ Each image is decoded, converted to RGB and ADM-center-cropped (`center_crop`, g
 `center_crop_arr`) on a pool of CPU workers, while the VAE encoder, jitted over all local devices,
 turns the previous batch into raw moments (mean || logvar, unscaled). One record per image:
 `label`, `moments`, `image` (the uint8 crop, the REPA target) and `source_id` (path relative to the
-source root, or the TFDS file name).
+source root, or the TFDS file name); with `--flips` also `moments_flip`, the moments of the mirrored
+crop (the VAE is not flip-equivariant, so a mirrored latent is not the latent of the mirror).
 
 Why this shape: a shard is a fixed slice of the global file list, so any process can write any
 shard, several JAX processes split the shards between them (shard k belongs to process
@@ -255,7 +256,7 @@ def open_source(spec: str, *, tfds_data_dir: str | None = None,
 class Encoder:
     """uint8 crops -> float32 moments (mean || logvar, raw), the batch split over local devices."""
 
-    def __init__(self, vae, batch_size: int):
+    def __init__(self, vae, batch_size: int, *, flips: bool = False):
         devices = jax.local_devices()
         if batch_size % len(devices):
             raise ValueError(f"--batch_size {batch_size} must be a multiple of the "
@@ -270,13 +271,19 @@ class Encoder:
         @jax.jit
         def encode(state, images):
             x = images.astype(jnp.float32) / 127.5 - 1.0
+            if flips:   # one pass over [crops, mirrored crops]: (2B, ...) -> (B, ..., 2 * 2C)
+                x = jnp.concatenate([x, x[:, :, ::-1]])
             mean, logvar = nnx.merge(graphdef, state).encode(x)
-            return jnp.concatenate([mean, logvar], axis=-1)
+            moments = jnp.concatenate([mean, logvar], axis=-1)
+            return jnp.concatenate(jnp.split(moments, 2), axis=-1) if flips else moments
 
         self._encode = lambda images: encode(state, images)
 
     def __call__(self, images: np.ndarray) -> jax.Array:
-        """Starts encoding (asynchronously) a batch of at most batch_size crops; pads the rest."""
+        """Starts encoding (asynchronously) a batch of at most batch_size crops; pads the rest.
+
+        Returns (n, h, w, 2C) moments, or with flips (n, h, w, 4C): the crop's then the mirror's.
+        """
         n = len(images)
         if n < self.batch_size:
             images = np.concatenate([images, np.zeros((self.batch_size - n, *images.shape[1:]),
@@ -469,6 +476,7 @@ class PrepareArgs:
     tfds_data_dir: str | None = None
     tfds_manual_dir: str | None = None
     progress: bool = True
+    flips: bool = False
 
 
 def prepare(args: PrepareArgs, *, source=None, vae=None,
@@ -515,12 +523,14 @@ def prepare(args: PrepareArgs, *, source=None, vae=None,
                                          np.dtype(np.float32)),
             "image": records.FieldSpec((args.resolution, args.resolution, 3), np.dtype(np.uint8)),
             "source_id": records.FieldSpec((SOURCE_ID_LENGTH,), np.dtype(np.uint8))}
+    if args.flips:
+        spec["moments_flip"] = spec["moments"]
     records.check_spec(spec, "latent", args.resolution)
     # Everything that changes a shard's content: a rerun with other values is an error.
     run = {"source": source.describe(), "num_items": plan.num_items, "shard_size": plan.shard_size,
            "resolution": args.resolution, "vae_config_sha256": identity["config_sha256"],
            "vae_params_sha256": identity["params_sha256"], "vae_dtype": args.vae_dtype,
-           "crop": CROP_METHOD}
+           "crop": CROP_METHOD, "flips": args.flips}
 
     index, count = jax.process_index(), jax.process_count()
     mine = list(range(index, plan.num_shards, count))
@@ -549,7 +559,7 @@ def _write_shards(source, vae, args: PrepareArgs, out_dir: epath.Path, plan: Pla
                   spec: dict, todo: list[int]) -> None:
     if not todo:
         return
-    encoder = Encoder(vae, args.batch_size)
+    encoder = Encoder(vae, args.batch_size, flips=args.flips)
     total = sum(b - a for a, b in map(plan.bounds, todo))
     progress = console.Progress(total, enabled=args.progress and jax.process_index() == 0,
                                 verb="encoded")
@@ -583,9 +593,13 @@ def _write_shards(source, vae, args: PrepareArgs, out_dir: epath.Path, plan: Pla
     def emit(batch, moments):
         moments = np.asarray(moments)
         for (shard, source_id, label, crop), m in zip(batch, moments):
-            writer(shard).add({"label": np.int32(label), "moments": m, "image": crop,
-                               "source_id": records.encode_source_id(source_id, SOURCE_ID_LENGTH)},
-                              vae.scaling_factor)
+            example = {"label": np.int32(label), "image": crop,
+                       "source_id": records.encode_source_id(source_id, SOURCE_ID_LENGTH)}
+            if args.flips:
+                example["moments"], example["moments_flip"] = np.split(m, 2, axis=-1)
+            else:
+                example["moments"] = m
+            writer(shard).add(example, vae.scaling_factor)
             done_one(shard)
 
     window = max(2 * args.batch_size, 4 * args.workers)
@@ -655,7 +669,8 @@ def _write_info(out_dir: epath.Path, plan: Plan, parts: list[dict], spec: dict, 
         "label_order": "index of the class name in sorted order (torchvision ImageFolder)",
         "vae": identity, "vae_dtype": args.vae_dtype, "crop": CROP_METHOD,
         "resolution": args.resolution, "moments": "float32 mean || logvar, raw (unscaled), NHWC",
-        "latent_stats": {"what": "per-channel mean/std of scaled posterior samples "
+        "flips": args.flips,
+        "latent_stats": {"what": "per-channel mean/std of scaled posterior samples (of the crops) "
                                  "scaling_factor * (mean + exp(logvar/2) * eps), in expectation",
                          "mean": mean.tolist(), "std": std.tolist()},
         "num_skipped": len(skipped), "skipped": skipped[:MAX_SKIPPED_LISTED],
@@ -740,6 +755,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("worker_kind", "thread", ["thread", "process"], "decode workers: threads "
                       "or spawned processes")
     flags.DEFINE_integer("shard_size", 1024, "images per shard")
+    flags.DEFINE_bool("flips", False, "also store the moments of the mirrored crop "
+                      "(moments_flip), for training with --config.data.flips")
     flags.DEFINE_integer("max_skipped", 100, "fail when more files than this are unreadable")
     flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir (tfds sources)")
     flags.DEFINE_string("tfds_manual_dir", None, "TFDS manual_dir holding the ILSVRC tars")
@@ -769,7 +786,7 @@ def main(argv):
                        shard_size=f.shard_size, max_skipped=f.max_skipped,
                        worker_kind=f.worker_kind,
                        tfds_data_dir=f.tfds_data_dir, tfds_manual_dir=f.tfds_manual_dir,
-                       progress=f.progress)
+                       progress=f.progress, flips=f.flips)
     try:
         info = prepare(args)
     except TooManySkipped as e:

@@ -7,6 +7,8 @@ One record is one example, a self-describing dict of numpy arrays serialised wit
     moments  float16|float32 (h, w, 2C)   kind "latent": VAE mean ‖ logvar, raw and unscaled (the
                                           trainer samples z = mean + exp(logvar/2)*eps and
                                           scales it)
+    moments_flip  like moments            optional (kind "latent"): the moments of the
+                                          horizontally mirrored crop (`prepare_imagenet --flips`)
     pixels   float32 (H, W, C)            kind "pixel": image in [-1, 1]
     image    uint8 (H, W, 3)              optional: the raw image (the REPA DINOv2 target)
     source_id uint8 (L,)                  optional: where the example came from (a path relative
@@ -89,10 +91,10 @@ def check_spec(spec: Mapping[str, FieldSpec], kind: str, image_size: int) -> Non
     """
     main = "moments" if kind == "latent" else "pixels"
     other = "pixels" if kind == "latent" else "moments"
-    unknown = set(spec) - {"label", "moments", "pixels", "image", "source_id"}
+    unknown = set(spec) - {"label", "moments", "moments_flip", "pixels", "image", "source_id"}
     if unknown:
         raise DataFormatError(f"unknown fields {sorted(unknown)}; "
-                              "allowed: label, moments, pixels, image, source_id")
+                              "allowed: label, moments, moments_flip, pixels, image, source_id")
     if "label" not in spec or main not in spec:
         raise DataFormatError(f"a {kind!r} example needs fields 'label' and {main!r}; "
                               f"got {sorted(spec)}")
@@ -118,6 +120,9 @@ def check_spec(spec: Mapping[str, FieldSpec], kind: str, image_size: int) -> Non
         if m.shape[:2] != (image_size, image_size):
             raise DataFormatError(f"'pixels' is {m.shape} but the dataset's image_size is "
                                   f"{image_size}")
+    if "moments_flip" in spec and (kind != "latent" or spec["moments_flip"] != m):
+        raise DataFormatError("'moments_flip' must be like 'moments' in a 'latent' dataset, got "
+                              f"{spec['moments_flip']} beside {main} {m}")
     if "source_id" in spec:
         source_id = spec["source_id"]
         if source_id.dtype != np.uint8 or len(source_id.shape) != 1:

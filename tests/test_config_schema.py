@@ -67,6 +67,8 @@ def test_errors_name_the_field_and_the_fix():
         config_schema.validate_config(config_with(**{"repa.projector_dim": 0}))
     with pytest.raises(ValueError, match=r"checkpoint.keep must be positive, or None"):
         config_schema.validate_config(config_with(**{"checkpoint.keep": 0}))
+    with pytest.raises(ValueError, match=r"data.flips .* needs data.source='array_record'"):
+        config_schema.validate_config(config_with(**{"data.flips": True}))   # synthetic source
     c = tiny.get_config()
     with c.logging.sample.unlocked():
         c.logging.sample.steps = 10
@@ -92,7 +94,8 @@ def test_compile_only_config_needs_no_weight_files():
 
 def test_rng_streams_are_distinct_names():
     groups = [("INIT", "TRAIN_EXAMPLES", "GRID_NOISE", "GRID_SAMPLER"),
-              ("EXAMPLE_LATENT", "EXAMPLE_T", "EXAMPLE_NOISE", "EXAMPLE_LABEL"),
+              ("EXAMPLE_LATENT", "EXAMPLE_T", "EXAMPLE_NOISE", "EXAMPLE_LABEL",
+               "EXAMPLE_FLIP"),
               ("DUMP_SDE", "DUMP_CALIBRATE")]
     for group in groups:
         values = [getattr(rng, name) for name in group]

@@ -25,6 +25,7 @@ from etils import epath
 from PIL import Image
 
 from configs import tiny
+from ddt_jax import flow
 from ddt_jax import trainer
 from input_pipeline import prepare_imagenet
 from input_pipeline import records
@@ -261,6 +262,50 @@ def test_trainer_runs_on_the_produced_shards(prepared, tmp_path):
         trainer.train_and_evaluate(wrong, os.fspath(tmp_path / "wrong"))
     trainer.train_and_evaluate(config, os.fspath(tmp_path / "run"))
     assert (tmp_path / "run" / "checkpoints" / "2").exists()
+
+
+def test_flips_store_the_mirror_moments_and_training_picks_one_per_example(
+        prepared, image_folder, torch_vae, tmp_path):
+    out = tmp_path / "flips"
+    info = prepare_imagenet.prepare(_args(image_folder, torch_vae[1], out, flips=True))
+    assert info["flips"] and "moments_flip" in info["element_spec"]
+    got, plain = _read_all(out), _read_all(prepared[0])
+    _assert_same_records(got, plain)   # the crops' moments do not change with --flips
+    # The mirror's moments are the VAE's encoding of the mirrored crop (not mirrored moments).
+    images = np.stack([ex["image"][:, ::-1] for ex in got.values()])
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+    with torch.no_grad():
+        dist = torch_vae[0].encode(x).latent_dist
+    want = np.concatenate([dist.mean.numpy(), dist.logvar.numpy()], axis=1).transpose(0, 2, 3, 1)
+    flipped = np.stack([ex["moments_flip"] for ex in got.values()])
+    assert np.abs(flipped - want).max() <= 1e-4
+    assert np.abs(flipped - flipped[:, :, ::-1]).max() > 1e-2   # not flip-equivariant
+
+    # The train step's choice: per example from its key, the REPA image mirrored to match.
+    batch = {"label": np.zeros(len(got), np.int32), "image": np.stack([e["image"] for e in
+                                                                        got.values()]),
+             "moments": np.stack([e["moments"] for e in got.values()]), "moments_flip": flipped}
+    keys = flow.example_keys(0, 3, np.arange(len(got)))
+    chosen = flow.choose_flips(batch, keys)
+    assert "moments_flip" not in chosen
+    is_flip = np.asarray([np.array_equal(c, f) for c, f in zip(chosen["moments"], flipped)])
+    assert 0 < is_flip.sum() < len(got)   # 12 fair coins: both outcomes (p(all equal) = 2^-11)
+    np.testing.assert_array_equal(np.asarray(chosen["image"])[is_flip],
+                                  batch["image"][is_flip][:, :, ::-1])
+    np.testing.assert_array_equal(np.asarray(chosen["image"])[~is_flip], batch["image"][~is_flip])
+    again = flow.choose_flips(batch, keys)
+    np.testing.assert_array_equal(again["moments"], chosen["moments"])
+
+    config = tiny.get_config("latent")
+    config.update_from_flattened_dict({
+        "num_train_steps": 2, "data.source": "array_record", "data.path": os.fspath(out),
+        "data.image_size": RESOLUTION, "data.num_classes": 3, "model.num_classes": 3,
+        "data.with_image": True, "data.flips": True, "checkpoint.every_steps": 2})
+    trainer.train_and_evaluate(config, os.fspath(tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "2").exists()
+    config.data.path = os.fspath(prepared[0])   # no moments_flip: a clear error
+    with pytest.raises(ValueError, match="no 'moments_flip' field"):
+        trainer.train_and_evaluate(config, os.fspath(tmp_path / "run_plain"))
 
 
 def test_shard_copy_helper_is_atomic(tmp_path):
