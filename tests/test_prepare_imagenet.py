@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -171,9 +172,20 @@ def test_folder_to_shards_labels_modes_and_skipped(prepared, image_folder):
     # The gray image became three equal channels.
     gray = examples["n02000000/gray.JPEG"]["image"]
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
-    stats = prepare_imagenet.check_dataset(out)
+    stats = prepare_imagenet.check_dataset(out, workers=3)
     assert stats["num_records"] == 12 and stats["duplicate_source_ids"] == []
     assert stats["num_skipped"] == 2 and stats["empty_classes"] == 0
+    moments = np.stack([ex["moments"] for ex in examples.values()]).astype(np.float64)
+    np.testing.assert_allclose(stats["moments_mean"], moments.mean((0, 1, 2)), atol=1e-4)
+    np.testing.assert_allclose(stats["moments_std"], moments.std((0, 1, 2)), atol=1e-4)
+
+
+def test_check_names_a_truncated_shard(prepared, tmp_path):
+    shutil.copytree(prepared[0], tmp_path / "ds")
+    shard = tmp_path / "ds" / records.shard_filename(2, 4)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(records.DataFormatError, match=shard.name):
+        prepare_imagenet.check_dataset(tmp_path / "ds")
 
 
 def test_too_many_unreadable_files_fail_clearly(image_folder, torch_vae, tmp_path):
