@@ -107,11 +107,14 @@ def default_config() -> ml_collections.ConfigDict:
 
     # ---- mesh and logical-axis rules -------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
-    # FSDP over every device: XL's f32 params + Adam + EMA are 10.8 GB, too much to replicate on
-    # 16 GB TPU chips; on one device it is plain training. The batch is always split over
+    # FSDP: XL's f32 params + Adam + EMA are 10.8 GB, too much to replicate on 16 GB TPU chips;
+    # on one device it is plain training. data = fsdp = -1 splits the devices between them:
+    # fsdp = the largest divisor of the device count that divides every weight width it shards
+    # (XL's embed 1152 = 2^7 * 9: all of 8-128 chips, 128 of 256 with data = 2), so no weight
+    # falls back to replication. One -1 = the rest of the devices. The batch is always split over
     # data x fsdp (sharding.BATCH_AXES).
-    c.mesh.data = 1
-    c.mesh.fsdp = -1                # -1 = all remaining devices
+    c.mesh.data = -1
+    c.mesh.fsdp = -1
     c.mesh.tensor = 1
     # Logical axis (ddt_jax/models/layers.py) -> mesh axes. Weights' `embed` dim is split over
     # fsdp, the wide dims over tensor; a dim that does not divide evenly stays replicated.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -24,13 +25,37 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-    """Resolves the config's (data, fsdp, tensor) sizes; one of them may be -1 (= the rest)."""
+def auto_fsdp_size(num_devices: int, fsdp_widths: Sequence[int]) -> int:
+    """The largest divisor of `num_devices` that divides every FSDP-sharded width.
+
+    XL's `embed` is 1152 = 2^7 * 9: FSDP over 256 chips would leave every weight replicated
+    (10.8 GB of state per chip); this picks fsdp = 128 and data = 2 instead.
+    """
+    return max(d for d in range(1, num_devices + 1)
+               if num_devices % d == 0 and all(w % d == 0 for w in fsdp_widths))
+
+
+def mesh_shape(mesh_config, num_devices: int,
+               fsdp_widths: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Resolves the config's (data, fsdp, tensor) sizes.
+
+    One size may be -1 (= the rest of the devices). data = fsdp = -1 splits the rest between them:
+    fsdp = `auto_fsdp_size(rest, fsdp_widths)` (all of the rest when no widths are given), so
+    that every FSDP-sharded weight divides evenly, and data = the remainder.
+    """
     sizes = [int(mesh_config[a]) for a in MESH_AXES]
     free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+    if free == ["data", "fsdp"]:
+        tensor = sizes[2]
+        if tensor <= 0 or num_devices % tensor:
+            raise ValueError(f"mesh tensor={tensor} does not divide the {num_devices} devices")
+        rest = num_devices // tensor
+        fsdp = auto_fsdp_size(rest, fsdp_widths or [rest])
+        return rest // fsdp, fsdp, tensor
     if len(free) > 1:
-        raise ValueError("at most one mesh axis may be -1 (the rest of the devices); "
-                         f"got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError("at most one mesh axis may be -1 (the rest of the devices), or data and "
+                         f"fsdp together (split by the model widths); got "
+                         f"{dict(zip(MESH_AXES, sizes))}")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes must be positive or -1; got {dict(zip(MESH_AXES, sizes))}")
     fixed = math.prod(s for s in sizes if s != -1)
@@ -45,13 +70,14 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh with Auto axes.
+def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None, *,
+                fsdp_widths: Sequence[int] | None = None) -> jax.sharding.Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axes (sizes from `mesh_shape`).
 
     Not Explicit axes: those turn sharding constraints into asserts.
     """
     devices = jax.devices() if devices is None else list(devices)
-    shape = mesh_shape(mesh_config, len(devices))
+    shape = mesh_shape(mesh_config, len(devices), fsdp_widths)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
 
@@ -91,10 +117,20 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: j
     dimension that does not divide evenly over its mesh axes stays replicated (e.g. the 1001-row
     label table over fsdp=8): uneven shards would cost padding and surprise checkpoint readers.
     """
+    spec, fallbacks = _resolve_spec(logical, shape, mesh, rules, what)
+    for name, dim, axes, size in fallbacks:
+        logging.info("%s: axis %r (%d) does not divide over %s (%d): replicated",
+                     what, name, dim, axes, size)
+    return spec
+
+
+def _resolve_spec(logical, shape, mesh, rules, what):
+    """(PartitionSpec, [(logical name, dim, mesh axes, their size)] that fell back to
+    replication because dim does not divide)."""
     if len(logical) != len(shape):
         raise ValueError(f"{what}: {len(logical)} logical axis names {tuple(logical)} "
                          f"for shape {tuple(shape)}")
-    used, spec = set(), []
+    used, spec, fallbacks = set(), [], []
     for name, dim in zip(logical, shape):
         if name is None:
             spec.append(None)
@@ -105,12 +141,11 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: j
         axes = tuple(a for a in rules[name] if a not in used and mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in axes)
         if axes and dim % size:
-            logging.info("%s: axis %r (%d) does not divide over %s (%d): replicated",
-                         what, name, dim, axes, size)
+            fallbacks.append((name, dim, axes, size))
             axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*spec)
+    return P(*spec), fallbacks
 
 
 def _variable_axes(variable) -> tuple | None:
@@ -134,6 +169,73 @@ def logical_to_named(state, mesh: jax.sharding.Mesh, rules) -> object:
         return variable.replace(NamedSharding(mesh, spec))
 
     return nnx.map_state(one, state)
+
+
+def _logical_leaves(states):
+    """(path name, shape, dtype, logical axes) of every variable with axis names of an nnx.State
+    or a sequence of them."""
+    for state in ([states] if isinstance(states, nnx.State) else states):
+        for path, variable in nnx.to_flat_state(state):
+            axes = _variable_axes(variable)
+            value = variable.get_value()
+            if axes is not None:
+                yield "/".join(str(p) for p in path), tuple(value.shape), value.dtype, axes
+
+
+def fsdp_widths(state, rules) -> list[int]:
+    """The dims of `state` (an nnx.State or a sequence of them; abstract is enough) that the rules
+    split over fsdp."""
+    rules = rules if isinstance(rules, dict) else rules_dict(rules)
+    return sorted({dim for _, shape, _, axes in _logical_leaves(state)
+                   for name, dim in zip(axes, shape)
+                   if name is not None and "fsdp" in rules.get(name, ())})
+
+
+# A weight the rules shard but whose dim does not divide is replicated. Up to this share of the
+# state's bytes that is harmless (XL's 1001-row label table is 0.2%); above it, memory per device
+# is silently far above what the mesh promises, so it is an error.
+MAX_FALLBACK_SHARE = 0.05
+
+
+def check_replication_fallbacks(state, mesh: jax.sharding.Mesh, rules, *,
+                                max_share: float = MAX_FALLBACK_SHARE) -> None:
+    """Raises when weights the rules split are replicated for more than `max_share` of the bytes.
+
+    Args:
+      state: an nnx.State or a sequence of them (abstract is enough) whose variables carry
+        logical axis names.
+      mesh: the mesh the state will be placed on.
+      rules: `mesh.rules` (or its `rules_dict`).
+      max_share: the largest tolerated share of the state's bytes.
+
+    Raises:
+      ValueError: naming the largest replicated weights and a mesh that shards them.
+    """
+    rules = rules if isinstance(rules, dict) else rules_dict(rules)
+    total, fallen = 0, []
+    for name, shape, dtype, axes in _logical_leaves(state):
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        total += nbytes
+        _, dropped = _resolve_spec(axes, shape, mesh, rules, name)
+        if dropped:
+            fallen.append((nbytes, name, shape, dropped))
+    share = sum(f[0] for f in fallen) / max(total, 1)
+    if share <= max_share:
+        return
+    fallen.sort(reverse=True)
+    def describe(name, shape, dropped):
+        why = ", ".join(f"{n}={d} over {a}={size}" for n, d, a, size in dropped)
+        return f"{name} {shape} ({why})"
+
+    shown = "; ".join(describe(name, shape, drop) for _, name, shape, drop in fallen[:4])
+    widths = fsdp_widths(state, rules)
+    n = mesh.size // mesh.shape["tensor"]
+    fsdp = auto_fsdp_size(n, widths)
+    raise ValueError(
+        f"mesh {dict(mesh.shape)} leaves {share:.0%} of the state's bytes replicated because "
+        f"their dims do not divide over it: {shown}. Use --config.mesh.data={n // fsdp} "
+        f"--config.mesh.fsdp={fsdp} (or data=-1 fsdp=-1, which picks it from the widths "
+        f"{widths})")
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -214,26 +316,70 @@ def bytes_per_device(tree) -> int:
 # Environment variables that mean "one of several processes" on the clusters JAX auto-detects.
 _CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                   "JAX_COORDINATOR_ADDRESS")
+# PCI vendor id of Google's TPU chips, as /sys/bus/pci/devices/*/vendor lists it.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def tpu_vm() -> bool:
+    """True on a Cloud TPU VM (a TPU chip on this host's PCI bus), whatever its env variables.
+
+    Plain Cloud TPU VMs set none of the cluster variables: there jax.distributed.initialize()
+    must run anyway (it finds the slice's peers from the metadata server, and is harmless on a
+    single host), or orbax's multi-host barriers fail at the first save.
+    """
+    for vendor in pathlib.Path("/sys/bus/pci/devices").glob("*/vendor"):
+        try:
+            if vendor.read_text().strip() == _GOOGLE_PCI_VENDOR:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def multiprocess_environment() -> bool:
     """True where jax.distributed.initialize() can find its peers by itself.
 
-    That is on TPU pods, SLURM and Open MPI clusters with more than one process.
+    That is on TPU VMs, SLURM and Open MPI clusters with more than one process, and wherever
+    JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and JAX_PROCESS_ID).
     """
     value = {name: os.environ.get(name, "") for name in _CLUSTER_HINTS}
     return ("," in value["TPU_WORKER_HOSTNAMES"]
             or any(value[n].isdigit() and int(value[n]) > 1
                    for n in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-            or bool(value["JAX_COORDINATOR_ADDRESS"]))
+            or bool(value["JAX_COORDINATOR_ADDRESS"]) or tpu_vm())
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r} must be a non-negative integer")
+    return int(value)
 
 
 def initialize_processes(coordinator_address: str | None = None, num_processes: int | None = None,
                          process_id: int | None = None) -> None:
-    """jax.distributed.initialize for the entry points: explicit peers, an auto-detected cluster, or
-    nothing (one process). Must run before anything touches a JAX backend."""
+    """jax.distributed.initialize for the entry points, then one log line per process.
+
+    Peers come from, in order: the flags; JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID; auto-detection on TPU VMs (always), SLURM and Open MPI. Otherwise one process.
+    Must run before anything touches a JAX backend.
+
+    Args:
+      coordinator_address: HOST:PORT of process 0 (with num_processes and process_id).
+      num_processes: the number of processes.
+      process_id: this process's index.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if coordinator_address:
+        num_processes = num_processes if num_processes is not None else _env_int(
+            "JAX_NUM_PROCESSES")
+        process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
     elif multiprocess_environment():
         jax.distributed.initialize()
+    logging.info("process %d of %d: %d local devices %s; %d devices in all",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 [d.id for d in jax.local_devices()], jax.device_count())

@@ -247,9 +247,11 @@ def test_two_processes_write_the_same_records_as_one(prepared, image_folder, tor
         ["timeout", "-s", "KILL", "120", sys.executable, "-m", "input_pipeline.prepare_imagenet",
          f"--source=folder:{image_folder}", f"--vae={torch_vae[1]}", f"--output={tmp_path}",
          f"--resolution={RESOLUTION}", "--batch_size=4", "--workers=2", "--shard_size=4",
-         "--max_skipped=2", "--noprogress", f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={i}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--max_skipped=2", "--noprogress"],
+        # Peers from the environment (train.py's tests pass them as flags): both paths work.
+        cwd=REPO, env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                           JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     outputs = [p.communicate()[0] for p in procs]
     for p, out in zip(procs, outputs):

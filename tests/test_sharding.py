@@ -26,11 +26,39 @@ def test_mesh_shape_resolves_the_rest_and_rejects_bad_sizes():
     assert sharding.mesh_shape(mesh_config(2, -1, 2), 8) == (2, 2, 2)
     assert sharding.mesh_shape(mesh_config(1, 8, 1), 8) == (1, 8, 1)
     with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
-        sharding.mesh_shape(mesh_config(-1, -1, 1), 8)
+        sharding.mesh_shape(mesh_config(-1, 1, -1), 8)
     with pytest.raises(ValueError, match="not divisible"):
         sharding.mesh_shape(mesh_config(-1, 3, 1), 8)
     with pytest.raises(ValueError, match="needs 4 devices"):
         sharding.mesh_shape(mesh_config(2, 2, 1), 8)
+
+
+def test_data_and_fsdp_auto_split_by_the_fsdp_widths():
+    # XL's embed is 1152 = 2^7 * 9: FSDP over all of 256 chips would replicate every weight.
+    assert sharding.auto_fsdp_size(256, [1152]) == 128
+    assert sharding.mesh_shape(mesh_config(-1, -1, 1), 256, [1152, 4608]) == (2, 128, 1)
+    assert sharding.mesh_shape(mesh_config(-1, -1, 1), 16, [1152]) == (1, 16, 1)
+    assert sharding.mesh_shape(mesh_config(-1, -1, 2), 8, [12]) == (1, 4, 2)
+    assert sharding.mesh_shape(mesh_config(-1, -1, 1), 8) == (1, 8, 1)   # no widths: all fsdp
+    assert sharding.mesh_shape(mesh_config(-1, -1, 1), 6, [64]) == (3, 2, 1)
+
+
+def test_replicated_weights_above_a_small_share_are_an_error_naming_the_fix():
+    cfg = ddt.default_model_config()
+    cfg.update(variant="S/2", hidden_size=36, num_heads=4, num_blocks=2, num_encoder_blocks=1,
+               num_classes=10)
+    state = nnx.state(nnx.eval_shape(lambda: ddt.build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    assert sharding.fsdp_widths(state, RULES)[-1] == 36
+    with pytest.raises(ValueError, match=r"replicated .*embed=36 over \('fsdp',\)=8.*"
+                                         r"--config.mesh.data=2 --config.mesh.fsdp=4"):
+        sharding.check_replication_fallbacks(state, sharding.create_mesh(mesh_config(1, 8, 1)),
+                                             RULES)
+    auto = sharding.create_mesh(mesh_config(-1, -1, 1),
+                                fsdp_widths=sharding.fsdp_widths(state, RULES))
+    assert dict(auto.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    sharding.check_replication_fallbacks(state, auto, RULES)
+    # The 11-row label table alone falls back (classes -> None here, embed over fsdp): tolerated.
+    sharding.check_replication_fallbacks(state, sharding.create_mesh(mesh_config(2, 4, 1)), RULES)
 
 
 def test_create_mesh_has_auto_axes():
