@@ -1,4 +1,4 @@
-"""`python -m ddt_jax.convert ddt|dinov2|vae ...`: official PyTorch weights -> checked local files.
+"""`python -m ddt_jax.convert ddt|dinov2|vae|inception ...`: official weights -> checked files.
 
 Each subcommand converts once, offline, from a file already on disk (nothing is downloaded), and
 first checks that every tensor fits our model, so what it writes always loads.
@@ -12,6 +12,7 @@ import pathlib
 from ddt_jax import weights
 from ddt_jax.convert import ddt as ddt_convert
 from ddt_jax.convert import dinov2 as dinov2_convert
+from ddt_jax.convert import inception as inception_convert
 from ddt_jax.convert import vae as vae_convert
 from ddt_jax.convert.state_dict import read_state_dict
 from ddt_jax.models import ddt
@@ -35,6 +36,11 @@ def _run_ddt(args: argparse.Namespace) -> None:
 
 def _run_dinov2(args: argparse.Namespace) -> None:
     out = dinov2_convert.convert_dinov2(args.input, args.output, num_heads=args.num_heads)
+    print(f"converted {args.input} -> {out}")
+
+
+def _run_inception(args: argparse.Namespace) -> None:
+    out = inception_convert.convert_inception(args.input, args.output)
     print(f"converted {args.input} -> {out}")
 
 
@@ -74,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, default=None,
                    help="heads, for a width not in DINOV2_VARIANTS")
     p.set_defaults(run=_run_dinov2)
+
+    p = sub.add_parser("inception", help="ADM's FID Inception-v3 (pytorch-fid .pth) -> checked "
+                       ".safetensors (same keys, no torch needed to load)")
+    p.add_argument("--input", required=True,
+                   help="pt_inception-2015-12-05-6726825d.pth (or .safetensors)")
+    p.add_argument("--output", required=True, help="output .safetensors file")
+    p.set_defaults(run=_run_inception)
 
     p = sub.add_parser("vae", help="SD-VAE (diffusers folder or file, LDM file) -> checked "
                        "diffusers folder (config.json + float32 safetensors)")
