@@ -1,4 +1,4 @@
-"""Official PyTorch checkpoints (DDT / DiT, DINOv2, SD-VAE, FID Inception) -> ddt-jax NNX models.
+"""Official PyTorch checkpoints (DDT / DiT, DINOv2, SD-VAE, FID Inception) -> NNX models.
 
 Each family has its own module (`ddt`, `dinov2`, `vae`, `inception`) that renames keys and infers the
 architecture from the tensor shapes; all of them read files with `state_dict.read_state_dict` and
