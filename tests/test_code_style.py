@@ -10,7 +10,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = sorted([*REPO.glob("ddt_jax/**/*.py"), *REPO.glob("input_pipeline/*.py"),
                   *REPO.glob("configs/*.py"), *REPO.glob("benchmarks/*.py"),
-                  *REPO.glob("tests/*.py"), REPO / "train.py", REPO / "sample.py"])
+                  *REPO.glob("tests/*.py"), REPO / "train.py", REPO / "sample.py",
+                  REPO / "evaluate.py"])
 MAX_COLUMNS = 100
 # Imported inside functions on purpose: they pull in TensorFlow (clu, tfds) or are optional.
 LAZY_ALLOWED = ("torch", "tqdm", "clu", "tensorflow", "tensorflow_datasets")
@@ -19,15 +20,18 @@ LAZY_ALLOWED = ("torch", "tqdm", "clu", "tensorflow", "tensorflow_datasets")
 # own layer inside its own package (models.ddt uses models.layers). README "Layout" shows them.
 LAYERS = (
     ("ddt_jax.models", "ddt_jax.rng", "ddt_jax.console", "ddt_jax.flops", "ddt_jax.sharding",
+     "ddt_jax.tpu_topology",
      "ddt_jax.checkpoint", "ddt_jax.sampler", "ddt_jax.evaluation.frechet",
+     "ddt_jax.evaluation.adm",
      "ddt_jax.evaluation.images", "ddt_jax.convert.state_dict", "ddt_jax.convert.fill",
      "input_pipeline"),
     ("ddt_jax.convert", "ddt_jax.flow", "ddt_jax.evaluation.mnist_classifier",
-     "ddt_jax.evaluation.mnist_eval"),
+     "ddt_jax.evaluation.mnist_eval", "ddt_jax.evaluation.inception_features"),
     ("ddt_jax.weights", "ddt_jax.config_schema", "ddt_jax.evaluation.grids"),
     ("ddt_jax.convert.cli", "ddt_jax.sample_dump", "ddt_jax.trainer",
      "input_pipeline.prepare_imagenet"),
-    ("ddt_jax.convert.__main__",),
+    ("ddt_jax.convert.__main__", "ddt_jax.evaluation.reference",
+     "ddt_jax.evaluation.evaluate_npz"),
 )
 
 
