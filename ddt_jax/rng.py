@@ -13,6 +13,9 @@ INIT = 0                # parameter initialisation (model and REPA projector)
 TRAIN_EXAMPLES = 1      # the per-example keys of every train step: fold_in(step), fold_in(position)
 GRID_NOISE = 2          # the starting noise of the EMA sample grids (the same for every grid)
 GRID_SAMPLER = 3        # the SDE solvers' step noise of the sample grids
+FID_NOISE = 4           # logging.fid_every: the starting noise of batch b: fold_in(b)
+FID_LABELS = 5          # ... its labels
+FID_SAMPLER = 6         # ... its SDE step noise
 
 # ---- branches of one example's key in a train step (flow.training_inputs) ------------------------
 EXAMPLE_LATENT = 0      # the latent drawn from the cached VAE moments

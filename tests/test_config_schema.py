@@ -93,7 +93,8 @@ def test_compile_only_config_needs_no_weight_files():
 
 
 def test_rng_streams_are_distinct_names():
-    groups = [("INIT", "TRAIN_EXAMPLES", "GRID_NOISE", "GRID_SAMPLER"),
+    groups = [("INIT", "TRAIN_EXAMPLES", "GRID_NOISE", "GRID_SAMPLER", "FID_NOISE", "FID_LABELS",
+               "FID_SAMPLER"),
               ("EXAMPLE_LATENT", "EXAMPLE_T", "EXAMPLE_NOISE", "EXAMPLE_LABEL",
                "EXAMPLE_FLIP"),
               ("DUMP_SDE", "DUMP_CALIBRATE")]

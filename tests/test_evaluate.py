@@ -22,9 +22,8 @@ import numpy as np
 import pytest
 from absl.testing import flagsaver
 from PIL import Image
-from safetensors.numpy import save_file
 
-from conftest import FIXTURES
+import inception_weights
 from ddt_jax import convert
 from ddt_jax.evaluation import adm
 from ddt_jax.evaluation import evaluate_npz
@@ -38,26 +37,6 @@ SIZE, BATCH, CLASSES = 32, 8, 4
 NUM_REF, NUM_SAMPLES = 10, 11          # 2 steps each, the last one padded
 
 
-def regenerate_weights(spec: dict) -> dict[str, np.ndarray]:
-    """The fixture's float tensors from its NumPy recipe (one generator, keys in order)."""
-    rng = np.random.default_rng(spec["seed"])
-    draws = {".bn.weight": (rng.uniform, 0.5, 1.5), ".bn.bias": (rng.normal, 0.0, 0.1),
-             ".bn.running_mean": (rng.normal, 0.0, 0.1),
-             ".bn.running_var": (rng.uniform, 0.5, 1.5), "fc.weight": (rng.normal, 0.0, 0.02),
-             "fc.bias": (rng.normal, 0.0, 1.0)}
-    sd = {}
-    for key, shape, _ in spec["keys"]:
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.endswith(".conv.weight"):
-            value = rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[1:])), size=shape)
-        else:
-            draw, a, b = next(v for s, v in draws.items() if key.endswith(s))
-            value = draw(a, b, size=shape)
-        sd[key] = value.astype(np.float32)
-    return sd
-
-
 def smooth_images(n: int, seed: int, size: int = SIZE) -> np.ndarray:
     """uint8 (n, size, size, 3): blocky colour fields plus noise, different enough per image."""
     rng = np.random.default_rng(seed)
@@ -68,10 +47,8 @@ def smooth_images(n: int, seed: int, size: int = SIZE) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-    spec = json.loads((FIXTURES / "inception" / "inception_weights.json").read_text())
-    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
-    save_file(regenerate_weights(spec), str(path))
-    return path
+    return inception_weights.write_safetensors(
+        tmp_path_factory.mktemp("inception") / "inception.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ Reference: tests/fixtures/inception/ (see its README): seeded weights, regenerat
 json recipe, and features of 256px and 512px images. Each distinct input shape compiles the
 network once (~5 s on 2 cores), so the tests share a few batches.
 """
-import hashlib
 import json
 
 import jax
@@ -16,44 +15,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
+import inception_weights
 from conftest import FIXTURES
 from ddt_jax import convert
 from ddt_jax.convert import cli
 from ddt_jax.models import inception
 
 HERE = FIXTURES / "inception"
-COUNTER = "num_batches_tracked"
+COUNTER = inception_weights.COUNTER
 PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"
-
-
-def regenerate_weights(spec: dict) -> dict[str, np.ndarray]:
-    """The fixture's state dict from its NumPy recipe (one generator, keys in order)."""
-    rng = np.random.default_rng(spec["seed"])
-    draws = {".conv.weight": None, ".bn.weight": (rng.uniform, 0.5, 1.5),
-             ".bn.bias": (rng.normal, 0.0, 0.1), ".bn.running_mean": (rng.normal, 0.0, 0.1),
-             ".bn.running_var": (rng.uniform, 0.5, 1.5), "fc.weight": (rng.normal, 0.0, 0.02),
-             "fc.bias": (rng.normal, 0.0, 1.0)}
-    sd = {}
-    for key, shape, _ in spec["keys"]:
-        if key.endswith(COUNTER):
-            sd[key] = np.zeros(shape, np.int64)
-            continue
-        suffix = next(s for s in draws if key.endswith(s))
-        if suffix == ".conv.weight":
-            value = rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[1:])), size=shape)
-        else:
-            draw, a, b = draws[suffix]
-            value = draw(a, b, size=shape)
-        sd[key] = value.astype(np.float32)
-    return sd
-
-
-def fingerprint(sd: dict) -> str:
-    digest = hashlib.sha256()
-    for key, value in sd.items():
-        if not key.endswith(COUNTER):
-            digest.update(np.ascontiguousarray(value, "<f4").tobytes())
-    return digest.hexdigest()
 
 
 def max_err(a, b):
@@ -76,9 +46,10 @@ def spec():
 
 @pytest.fixture(scope="module")
 def state_dict(spec):
-    sd = regenerate_weights(spec)
+    sd = inception_weights.regenerate(spec)
     assert list(sd) == [k for k, _, _ in spec["keys"]] and len(sd) == spec["num_keys"] == 566
-    assert fingerprint(sd) == spec["sha256_float32_le"]  # the regeneration is the fixture's
+    # The regeneration is the fixture's:
+    assert inception_weights.fingerprint(sd) == spec["sha256_float32_le"]
     return sd
 
 
