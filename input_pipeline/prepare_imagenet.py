@@ -328,21 +328,6 @@ def _part_path(out_dir: epath.Path, shard: int, num_shards: int) -> epath.Path:
         ".array_record", ".json")
 
 
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
-
-
-def _publish(local: str, dest: epath.Path) -> None:
-    """Moves a finished local file to `dest` atomically (a rename; copy + rename if remote)."""
-    if _is_local(dest):
-        os.replace(local, os.fspath(dest))
-        return
-    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
-    epath.Path(local).copy(tmp, overwrite=True)
-    tmp.replace(dest)
-    os.remove(local)
-
-
 def _write_json(path: epath.Path, data: dict) -> None:
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -372,7 +357,7 @@ class _ShardWriter:
         self.out_dir, self.shard, self.plan, self.run = out_dir, shard, plan, run
         self.spec, self.num_classes = spec, num_classes
         name = records.shard_filename(shard, plan.num_shards)
-        if _is_local(out_dir):
+        if records.is_local(out_dir):
             tmp_dir = os.fspath(out_dir)
         self.tmp = os.path.join(tmp_dir, f".tmp-{name}-{os.getpid()}")
         self.writer = array_record_module.ArrayRecordWriter(self.tmp, records.WRITER_OPTIONS)
@@ -393,7 +378,7 @@ class _ShardWriter:
     def finish(self) -> dict:
         self.writer.close()
         name = records.shard_filename(self.shard, self.plan.num_shards)
-        _publish(self.tmp, self.out_dir / name)
+        records.publish_file(self.tmp, self.out_dir / name)
         c = self.sum.shape[1] if self.sum is not None else 0
         part = {"shard": self.shard, "num_records": self.count, "skipped": self.skipped,
                 "run": self.run, "bounds": list(self.plan.bounds(self.shard)),

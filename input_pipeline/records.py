@@ -29,6 +29,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import pathlib
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -230,6 +233,23 @@ def _check_info(info: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
+def is_local(path: str | os.PathLike) -> bool:
+    """False for gs:// (or any other scheme's) paths, which ArrayRecordWriter cannot open."""
+    return "://" not in os.fspath(path)
+
+
+def publish_file(local: str, dest: epath.Path) -> None:
+    """Moves a finished local file to `dest` atomically: a rename, or (remote) an upload under a
+    temporary name and a rename, so a reader never sees half a file."""
+    if is_local(dest):
+        os.replace(local, os.fspath(dest))
+        return
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    epath.Path(local).copy(tmp, overwrite=True)
+    tmp.replace(dest)
+    os.remove(local)
+
+
 def write_shards(examples: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, num_shards: int,
                  info: Mapping[str, Any], *, overwrite: bool = False,
                  writer_options: str = WRITER_OPTIONS) -> dict[str, Any]:
@@ -281,7 +301,11 @@ def write_shards(examples: Iterable[Mapping[str, Any]], out_dir: str | os.PathLi
     if spec is not None:
         check_spec(spec, info["kind"], info["image_size"])
     paths = [out_dir / shard_filename(i, num_shards) for i in range(num_shards)]
-    writers = [array_record_module.ArrayRecordWriter(os.fspath(p), writer_options) for p in paths]
+    # ArrayRecordWriter writes local files only: remote shards are written to a local temporary
+    # directory and published (uploaded, then renamed) when complete.
+    staging = None if is_local(out_dir) else tempfile.mkdtemp(prefix="write_shards_")
+    local = paths if staging is None else [pathlib.Path(staging) / p.name for p in paths]
+    writers = [array_record_module.ArrayRecordWriter(os.fspath(p), writer_options) for p in local]
     lengths = [0] * num_shards
     try:
         for i, example in enumerate(examples):
@@ -299,11 +323,17 @@ def write_shards(examples: Iterable[Mapping[str, Any]], out_dir: str | os.PathLi
                                   "shard needs at least one; write fewer shards")
         for w in writers:
             w.close()
+        if staging is not None:
+            for src, dest in zip(local, paths):
+                publish_file(os.fspath(src), dest)
     except BaseException:
         for w, p in zip(writers, paths):
             w.close()
             p.unlink(missing_ok=True)
         raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
     info.update(format=FORMAT, format_version=FORMAT_VERSION, num_records=sum(lengths),
                 num_shards=num_shards, shard_lengths=lengths, element_spec=spec_to_json(spec))

@@ -55,7 +55,7 @@ def test_epath_on_gcs_uses_tensorflow_and_reaches_the_emulator(gcs_dir, tmp_path
         (gcs_dir / "sub" / "b.json").rename(gcs_dir / "d.bin")
     local = epath.Path(tmp_path / "local.bin")
     local.write_bytes(b"local bytes")
-    local.copy(gcs_dir / "e.bin")   # what _publish does with a finished shard
+    local.copy(gcs_dir / "e.bin")   # what records.publish_file does with a shard
     assert (gcs_dir / "e.bin").read_bytes() == b"local bytes"
     (gcs_dir / "e.bin").unlink()
     assert not (gcs_dir / "e.bin").exists()
@@ -185,3 +185,19 @@ def test_gcs_run_killed_after_one_shard_resumes_to_the_same_records(
     assert info["shard_lengths"] == local_run[1]["shard_lengths"]
     assert info["skipped"] == local_run[1]["skipped"]
     _assert_same_as_local(os.fspath(out), local_run)
+
+
+def test_write_shards_to_gcs_stages_locally_and_reads_back(gcs_dir):
+    # ArrayRecordWriter opens local files only: the MNIST tool's writer stages and publishes.
+    rng = np.random.default_rng(0)
+    examples = [{"label": np.int32(i % 3), "pixels": rng.uniform(-1, 1, (8, 8, 1)).astype(
+        np.float32)} for i in range(7)]
+    info = records.write_shards(examples, gcs_dir / "px", 2,
+                                {"kind": "pixel", "num_classes": 3, "image_size": 8,
+                                 "source": "test"})
+    assert info["shard_lengths"] == [4, 3]
+    assert not list((gcs_dir / "px").glob(".tmp-*"))
+    source = records.RecordSource(gcs_dir / "px")
+    got = sorted((int(source[i]["label"]), source[i]["pixels"].tobytes()) for i in range(7))
+    want = sorted((int(e["label"]), e["pixels"].tobytes()) for e in examples)
+    assert got == want

@@ -326,7 +326,7 @@ def test_shard_copy_helper_is_atomic(tmp_path):
     src = tmp_path / "a.tmp"
     src.write_bytes(b"x")
     dest = tmp_path / "b"
-    prepare_imagenet._publish(os.fspath(src), epath.Path(dest))
+    records.publish_file(os.fspath(src), epath.Path(dest))
     assert dest.read_bytes() == b"x" and not src.exists()
 
 
