@@ -6,18 +6,36 @@ the official DDT-XL/2 256px settings). Restarting the same command resumes the d
 "Sampling" section lists every option.
 """
 import dataclasses
+import difflib
 import os
+import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
+from ddt_jax import checkpoint as checkpoint_lib
 from ddt_jax import console
 from ddt_jax import sample_dump
 from ddt_jax import sampler as sampler_lib
 from ddt_jax import sharding
 
+
+def check_config_overrides(argv: list[str], config) -> None:
+    """Exits with a one-line error for a --config.FIELD the sampler config lacks (ml_collections
+    raises a bare AttributeError: "'foo'" while the flag below is defined)."""
+    fields = list(config.keys())
+    for arg in argv:
+        name = arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") else ""
+        if name and name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else f"fields: {', '.join(fields)}"
+            sys.exit(f"error: --config.{name}: the sampler config has no field {name!r} ({hint})")
+
+
 _D = sample_dump.DumpArgs()
+check_config_overrides(sys.argv, sampler_lib.default_sampler_config())
 config_flags.DEFINE_config_dict("config", sampler_lib.default_sampler_config(),
                                 "Sampler settings, e.g. --config.num_steps=50 "
                                 "--config.guidance=3.0.")
@@ -54,6 +72,16 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for mu
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 FLAGS = flags.FLAGS
+# What a dump refuses with a message that names the problem and the fix: printed as one line.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, checkpoint_lib.CheckpointError)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a one-line error (no usage text) for a bad flag."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"error: {e} (--helpfull lists every flag)") from e
 
 
 def main(argv):
@@ -65,9 +93,13 @@ def main(argv):
                                   FLAGS.process_id)
     args = sample_dump.DumpArgs(**{f.name: FLAGS[f.name].value
                                    for f in dataclasses.fields(sample_dump.DumpArgs)})
-    sample_dump.run(args, FLAGS.config)
+    try:
+        sample_dump.run(args, FLAGS.config)
+    except USER_ERRORS as e:
+        logging.debug("the error's traceback", exc_info=True)   # shown with --verbosity=1
+        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

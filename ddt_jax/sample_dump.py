@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from ddt_jax import checkpoint as checkpoint_lib
 from ddt_jax import console
 from ddt_jax import convert
 from ddt_jax import rng
@@ -256,7 +257,24 @@ def _restore_model(path: pathlib.Path, model_config, mesh, *, which: str, step: 
     graphdef, abstract = weights.abstract_params(
         lambda: ddt.build_model(model_config, rngs=nnx.Rngs(0)), sharding.replicated(mesh))
     params = weights.load_model_params(path, abstract, which=which, step=step)
+    check_finite_params(params, f"the {which} weights in {path}"
+                        + (f" at step {step}" if step is not None else ""))
     return weights.merge_params(graphdef, params)
+
+
+def check_finite_params(params, what: str) -> None:
+    """Raises ValueError when `params` hold NaN or Inf: their samples would be NaN (all-zero
+    images once cast to uint8), a dump that looks valid.
+
+    Args:
+      params: a pytree of arrays.
+      what: names the weights in the message, e.g. "the ema weights in /runs/x at step 5".
+    """
+    bad = [key for key, d in checkpoint_lib.digests(params).items() if not d["finite"]]
+    if bad:
+        raise ValueError(f"{what} hold NaN or Inf ({len(bad)} arrays, e.g. {', '.join(bad[:3])}):"
+                         " refusing to sample them. Sample another --step of the run, or "
+                         "convert the weights again")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +315,11 @@ def _sharded_noise(seed, index, shape):
                                             P(sharding.BATCH_AXES))
 
 
+@jax.jit
+def _all_finite(x):
+    return jnp.all(jnp.isfinite(x))
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _decode(vae_graphdef, vae_state, x):
     images = x if vae_graphdef is None else nnx.merge(vae_graphdef, vae_state).decode(x)
@@ -320,15 +343,23 @@ class BatchSampler:
         with jax.set_mesh(self.mesh):
             return tuple(jax.eval_shape(_decode, self.vae_graphdef, self.vae_state, x).shape[1:])
 
-    def __call__(self, index: int, labels: np.ndarray) -> jax.Array:
-        """Dispatches batch `index` with its (batch_size,) labels; returns without waiting."""
+    def sample(self, index: int, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """Dispatches batch `index` with its (batch_size,) labels; returns without waiting.
+
+        Returns:
+          (uint8 images sharded over `data`, a replicated bool: every sampled value is finite).
+        """
         labels = np.asarray(labels, np.int32)
         labels = jax.make_array_from_callback(labels.shape, self.rows, lambda idx: labels[idx])
         with jax.set_mesh(self.mesh):
             noise = _sharded_noise(self.seed, jnp.int32(index), self.shape)
             x = sampler_lib.sample(self.source.model, noise, labels, self.config,
                                    key=batch_step_key(self.seed, index))
-            return _decode(self.vae_graphdef, self.vae_state, x)
+            return _decode(self.vae_graphdef, self.vae_state, x), _all_finite(x)
+
+    def __call__(self, index: int, labels: np.ndarray) -> jax.Array:
+        """The uint8 images of `sample` (benchmarks; the dump checks the finiteness too)."""
+        return self.sample(index, labels)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,14 +372,36 @@ def _part_path(output: pathlib.Path, batch: int, process: int, process_count: in
     return output / PARTS_DIR / f"{batch:07d}.p{process}of{process_count}.npz"
 
 
+TMP_PREFIX = ".tmp."
+
+
 def _atomic_write(path: pathlib.Path, write) -> None:
-    """write(file) into a temporary sibling, then rename: a killed run leaves no partial file."""
-    tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """write(file) into a temporary sibling, then rename: a killed run leaves no partial file.
+
+    The temporary file is removed when `write` fails or is interrupted (SIGTERM, Ctrl-C); one a
+    SIGKILL leaves behind is removed by the next dump (`remove_stale_temps`).
+    """
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}.{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(output: pathlib.Path) -> list[pathlib.Path]:
+    """Deletes the temporary files of killed writes in `output` and its parts/ (process 0, before
+    any process writes). Returns the deleted paths."""
+    stale = [p for d in (output, output / PARTS_DIR) if d.is_dir()
+             for p in d.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        logging.info("removed %s, left by an interrupted write", path)
+    return stale
 
 
 def _write_part(path: pathlib.Path, index: np.ndarray, images: np.ndarray,
@@ -521,6 +574,7 @@ def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *,
     image_shape = batcher.image_shape()
     if process == 0:
         (output / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(output)   # before the barrier: no process writes parts yet
     multihost_utils.sync_global_devices("sample_dump: output created")
     check_manifest(output, manifest_for(args, source, sampler_config, image_shape))
     final = output / SAMPLES_FILE
@@ -552,9 +606,14 @@ def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *,
     # One batch in flight while the previous one is written: the device never waits for the disk.
     pending = None
     for b in todo + [None]:
-        current = None if b is None else (b, batcher(b, batch_labels(b)))
+        current = None if b is None else (b, *batcher.sample(b, batch_labels(b)))
         if pending is not None:
-            pb, images = pending
+            pb, images, finite = pending
+            if not bool(np.asarray(finite.addressable_data(0))):
+                raise FloatingPointError(
+                    f"batch {pb} of the dump in {output}: the sampler produced NaN or Inf from "
+                    f"finite weights ({source.description['path']}); no part or samples.npz is "
+                    "written for it. Check the sampler settings (--config.*) and the weights")
             rows, data = _local_rows(images)
             index = pb * args.batch_size + rows
             keep = index < args.num_samples

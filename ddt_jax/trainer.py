@@ -1,13 +1,16 @@
 """DDT training, read top to bottom: `train_and_evaluate(config, workdir)`, and `compile_only`.
 
-Sections of `train_and_evaluate`: config check -> mesh -> data -> state (model, REPA projector,
-AdamW, EMA; sharded by logical axes) -> resume / init_from -> AOT-compiled train step (memory
-logged) -> loop (metrics, sample grids, checkpoints, preemption). The method itself (inputs and
-loss) is `flow.training_loss`; the step here is grad -> optimizer -> EMA.
+Sections of `train_and_evaluate`: config and resume checks (nothing written before they pass)
+-> mesh -> data -> state (model, REPA projector, AdamW, EMA; sharded by logical axes) -> resume
+from the newest verified checkpoint / init_from -> config.json -> AOT-compiled train step (memory
+logged) -> loop (metrics, sample grids, checkpoints, preemption; the step's state is checked finite
+before any save or grid). The method itself (inputs and loss) is `flow.training_loss`; the step
+here is grad -> optimizer -> EMA.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -28,7 +31,9 @@ from ddt_jax import flops as flops_lib
 from ddt_jax import flow
 from ddt_jax import rng
 from ddt_jax import sharding
+from ddt_jax import tpu_topology
 from ddt_jax import weights
+from ddt_jax.evaluation import fid_monitor
 from ddt_jax.evaluation import grids
 from ddt_jax.models import ddt
 from ddt_jax.models import dinov2 as dinov2_lib
@@ -69,6 +74,16 @@ def build_modules(config, rngs: nnx.Rngs):
     return model, projector
 
 
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+    """The run's mesh over `devices` (default: all). With mesh.data = mesh.fsdp = -1 (the
+    default) fsdp is the largest divisor of the device count that divides every FSDP-sharded
+    width of the model, and data the rest (sharding.mesh_shape)."""
+    model, projector = nnx.eval_shape(lambda: build_modules(config, nnx.Rngs(0)))
+    states = [nnx.state(m, nnx.Param) for m in (model, projector) if m is not None]
+    widths = sharding.fsdp_widths(states, config.mesh.rules)
+    return sharding.create_mesh(config.mesh, devices, fsdp_widths=widths)
+
+
 @dataclasses.dataclass(frozen=True)
 class StateLayout:
     """Static facts about the train state: graphdefs, shardings, the abstract (shape-only) state."""
@@ -87,6 +102,7 @@ def state_layout(config, mesh, tx) -> StateLayout:
     projector_graphdef = None
     if projector is not None:
         projector_graphdef, params[weights.PROJECTOR] = weights.split_params(projector)
+    sharding.check_replication_fallbacks(list(params.values()), mesh, rules)
     param_shardings = {k: sharding.logical_to_named(v, mesh, rules).to_pure_dict()
                        for k, v in params.items()}
     abstract_params = {k: v.to_pure_dict() for k, v in params.items()}
@@ -150,6 +166,15 @@ def make_loss_fn(config, layout: StateLayout, dinov2_graphdef=None):
     return loss_fn
 
 
+STATE_FINITE = "state_finite"   # the step's metric: loss, grads, new params, Adam state, EMA
+
+
+def all_finite(*trees) -> jax.Array:
+    """A bool scalar: every floating-point value of `trees` is finite (no NaN, no Inf)."""
+    leaves = [x for t in trees for x in jax.tree.leaves(t) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def make_train_step(config, layout: StateLayout, tx, lr_schedule, dinov2_graphdef=None):
     """The pure train step: (state, batch, positions, dinov2_params) -> (state, metrics)."""
     loss_fn = make_loss_fn(config, layout, dinov2_graphdef)
@@ -163,8 +188,11 @@ def make_train_step(config, layout: StateLayout, tx, lr_schedule, dinov2_graphde
         # EMA after every optimizer step, from step 0 (official SimpleEMA, every_n_steps=1).
         ema = optax.incremental_update(params[weights.MODEL], state.ema_params,
                                        step_size=1.0 - decay)
-        metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
-                   "lr": lr_schedule(state.step)}
+        grad_norm = optax.global_norm(grads)
+        metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
+                   # The state after the update, checked here on device (one more read of it)
+                   # and by the host before any save: a diverged state is never saved.
+                   STATE_FINITE: all_finite(loss, grad_norm, params, opt_state, ema)}
         new_state = weights.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                        ema_params=ema)
         return new_state, metrics
@@ -355,6 +383,23 @@ class CompileReport:
     bytes_per_device: dict[str, int]    # params, optimizer state, EMA, DINOv2, batch; XLA's
     analytic_flops: float
     xla_flops: float | None             # cost_analysis of the compiled (or lowered) step
+    memory_per_device: int | None = None   # HBM (TPU table, GPU bytes_limit); None on CPU
+
+    @property
+    def total_bytes(self) -> int | None:
+        """What the step holds at its peak on one device: arguments + outputs not aliased to
+        them + temporaries + code (None when only lowered)."""
+        b = self.bytes_per_device
+        if "XLA arguments" not in b:
+            return None
+        return (b["XLA arguments"] + b["XLA outputs"] - b["XLA donated (aliased)"]
+                + b["XLA temporaries"] + b["XLA generated code"])
+
+    @property
+    def fits(self) -> bool | None:
+        if self.total_bytes is None or self.memory_per_device is None:
+            return None
+        return self.total_bytes <= self.memory_per_device
 
     def table(self) -> str:
         lines = [f"train step of {self.title} on mesh "
@@ -362,6 +407,12 @@ class CompileReport:
                  f"{self.setup.mesh.devices.flat[0].device_kind}); per device:"]
         for name, value in self.bytes_per_device.items():
             lines.append(f"  {name:<24} {value / 2**20:12,.2f} MiB")
+        if self.total_bytes is not None:
+            lines.append(f"  {'total (peak estimate)':<24} {self.total_bytes / 2**20:12,.2f} MiB")
+        if self.fits is not None:
+            lines.append(f"  {'device memory':<24} {self.memory_per_device / 2**20:12,.2f} MiB: "
+                         + (f"fits ({self.total_bytes / self.memory_per_device:.0%} used)"
+                            if self.fits else "DOES NOT FIT"))
         lines.append(f"  {'FLOPs (analytic)':<24} {self.analytic_flops / 1e9:12,.2f} GFLOP "
                      "per global step")
         if self.xla_flops is not None:
@@ -395,7 +446,7 @@ def compile_only(config: ml_collections.ConfigDict, *, devices=None, compile: bo
       A CompileReport; `report.table()` is what `train.py --compile_only` prints.
     """
     config_schema.validate_config(config, check_files=False)
-    mesh = sharding.create_mesh(config.mesh, devices)
+    mesh = make_mesh(config, devices)
     dinov2_graphdef, abstract_dino = abstract_dinov2(config, mesh)
     setup = setup_step(config, mesh, dinov2_graphdef, abstract_dino, need_data=False)
     layout = setup.layout
@@ -423,36 +474,154 @@ def compile_only(config: ml_collections.ConfigDict, *, devices=None, compile: bo
              + (", REPA" if repa_enabled(config) else ""))
     return CompileReport(title=title, setup=setup, compiled=compiled, bytes_per_device=sizes,
                          analytic_flops=step_flops(config, setup.abstract_batch, depth),
-                         xla_flops=_xla_flops(compiled if compiled is not None else setup.lowered))
+                         xla_flops=_xla_flops(compiled if compiled is not None else setup.lowered),
+                         memory_per_device=tpu_topology.hbm_per_device(mesh.devices.flat[0]))
+
+
+# -------------------------------------------------------------------------------------------------
+# Start-up checks: a start that fails leaves the workdir as it was.
+
+# Fields a resumed run must share with the run in its workdir: they change the model or the train
+# state's layout (REPA's projector, the clipping chain of the optimizer state), the batch, the seed
+# or the data. Everything else (num_train_steps, optim.lr, logging.*, checkpoint.*, mesh.*, ...)
+# may change on resume.
+RESUME_FIELDS = ("model", "data", "seed", "global_batch_size", "repa", "flow",
+                 "vae.scaling_factor", "optim.grad_clip_norm")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _covered(field: str, names) -> bool:
+    return any(field == n or field.startswith(n + ".") for n in names)
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict,
+                   allow: tuple[str, ...] = ()) -> list[str]:
+    """The RESUME_FIELDS that differ between a run's saved config.json and `config`.
+
+    Args:
+      saved: the parsed config.json of the run being resumed.
+      config: the new config.
+      allow: fields (or sections, e.g. "model") allowed to change anyway.
+
+    Returns:
+      One "field: old -> new" string per differing field, sorted; empty if the run may resume.
+    """
+    old = _flatten(saved)
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    # A field added to the schema after the run started is unchanged at its default (a new field
+    # defaults to the old behaviour); a field since removed is no longer compared.
+    defaults = _flatten(json.loads(config_schema.default_config().to_json_best_effort()))
+    old = {f: old.get(f, defaults.get(f)) for f in new}
+    fields = sorted(f for f in new if _covered(f, RESUME_FIELDS) and not _covered(f, allow))
+    return [f"{f}: {old[f]!r} -> {new[f]!r}" for f in fields if old[f] != new[f]]
+
+
+def check_workdir(workdir: str) -> None:
+    """Raises NotADirectoryError for a --workdir that exists but is not a directory."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory: pass a "
+                                 "directory (it is created if missing)")
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
+                        allow: tuple[str, ...] = ()) -> None:
+    """Raises ValueError when `config` would resume the run in `workdir` with another model,
+    batch, seed or data (the RESUME_FIELDS); a workdir without checkpoints is not checked.
+
+    Args:
+      workdir: the run directory.
+      config: the new config.
+      allow: fields or sections allowed to change (train.py's --allow_config_change).
+    """
+    flat = set(_flatten(json.loads(config.to_json_best_effort())))
+    sections = {f.rsplit(".", i)[0] for f in flat for i in range(f.count(".") + 1)}
+    unknown = sorted(a for a in allow if a not in sections)
+    if unknown:
+        raise ValueError(f"--allow_config_change names no config field: {unknown}")
+    path = os.path.join(workdir, weights.RUN_CONFIG)
+    if not weights.run_steps(workdir) or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): restore it from a copy of the run, or "
+                         "delete it to resume with the new config unchecked") from e
+    changes = config_changes(saved, config, allow)
+    if changes:
+        fields = ",".join(c.split(":")[0] for c in changes)
+        raise ValueError(
+            f"{workdir} holds a run with other settings than this config: {'; '.join(changes)}. "
+            f"Resume with the run's settings (in {path}), train in a new --workdir, or, to "
+            f"change them on purpose, pass --allow_config_change={fields}")
+
+
+def nonfinite_message(step: int, metrics: dict, ckpt: checkpoint_lib.Checkpointer) -> str:
+    """The error of a diverged run: the step, its loss and grad norm, the last checkpoint (finite:
+    every save is of a state checked finite)."""
+    last = ckpt.latest_step()
+    resume = (f"Last finite checkpoint: step {last} in {ckpt.directory}; a restart resumes from "
+              "it and diverges again unless something changes (e.g. a lower --config.optim.lr)"
+              if last is not None else
+              "No checkpoint was saved before it: a restart starts from scratch")
+    return (f"the train state after step {step} is not finite (NaN or Inf; loss "
+            f"{float(metrics['loss']):.4g}, grad norm {float(metrics['grad_norm']):.4g}): stopping "
+            f"without saving it. {resume}")
+
+
+def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes <workdir>/config.json atomically (temp file + rename): never half a file."""
+    path = os.path.join(workdir, weights.RUN_CONFIG)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> weights.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: tuple[str, ...] = ()) -> weights.TrainState | None:
     """Trains (or resumes) the run in `workdir` until config.num_train_steps or preemption.
 
     Args:
       config: a training config (configs/*.py; checked by `config_schema.validate_config`).
       workdir: the run directory: config.json, checkpoints/, TensorBoard events, samples/.
+      allow_config_change: RESUME_FIELDS (or sections) that may differ from the run's saved
+        config.json when resuming.
 
     Returns:
-      The final TrainState (on device).
+      The final TrainState (on device); None if a SIGTERM came before the state existed.
     """
-    # clu's writers and periodic actions import TensorFlow: imported here, not at start-up.
-    from clu import metric_writers, periodic_actions
+    # First of all: from here on a SIGTERM stops the run cleanly (exit 0), also during start-up.
+    guard = checkpoint_lib.PreemptionGuard()
+    try:
+        return _train_and_evaluate(config, workdir, guard, tuple(allow_config_change))
+    finally:
+        guard.close()
 
+
+def _train_and_evaluate(config, workdir: str, guard, allow_config_change: tuple[str, ...]):
+    # Every check that can refuse the start runs before anything is written to the workdir.
     workdir = os.path.abspath(workdir)
     config_schema.validate_config(config)
+    check_workdir(workdir)
+    check_resume_config(workdir, config, allow_config_change)
     is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, weights.RUN_CONFIG), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
-                                                  asynchronous=True)
+    # clu's writers and periodic actions import TensorFlow (~5 s): after the quick checks.
+    from clu import metric_writers, periodic_actions
 
     # ---- Mesh -----------------------------------------------------------------------------------
-    mesh = sharding.create_mesh(config.mesh)
+    mesh = make_mesh(config)
     local_batch = sharding.check_batch_size(config.global_batch_size, mesh)
     logging.info("mesh %s over %d devices (%d processes); global batch %d, %d per process",
                  dict(mesh.shape), mesh.size, jax.process_count(), config.global_batch_size,
@@ -478,18 +647,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> weigh
 
     # ---- Resume, or start (from scratch or init_from) -------------------------------------------
     ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-    latest = ckpt.latest_step()
+    # The newest step that verifies (checksums, finite); bad newer ones are set aside, warned.
+    latest, restored = ckpt.restore_latest(layout.abstract.to_dict(), data_iter)
     if latest is not None:
         logging.info("resuming from the checkpoint at step %d in %s%s", latest, ckpt.directory,
                      f" (init_from={config.init_from!r} applies to fresh runs only)"
                      if config.init_from else "")
-        state = weights.TrainState.from_dict(
-            ckpt.restore(latest, layout.abstract.to_dict(), data_iter))
+        state = weights.TrainState.from_dict(restored)
     else:
         state = init_train_state(config, layout, setup.tx, rng.stream(config.seed, rng.INIT))
         if config.init_from:
             state = restore_init_from(config, config.init_from, layout, state)
     step = int(jax.device_get(state.step))
+    if is_main:
+        write_run_config(workdir, config)
+    if guard.requested():
+        logging.warning("SIGTERM during start-up: stopping before step %d; nothing to save (a "
+                        "restart resumes from %s)", step + 1,
+                        f"step {latest}" if latest is not None else "scratch")
+        ckpt.close()
+        return state
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
+                                                  asynchronous=True)
 
     # ---- Train step: compiled once, ahead of time -----------------------------------------------
     compiled_step = compile_step(setup.lowered)
@@ -500,30 +679,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> weigh
                  flops_per_step / 1e12, jax.devices()[0].device_kind,
                  "unknown" if peak is None else peak / 1e12)
     grid_sampler = grids.make_grid_sampler(config, layout.model_graphdef, mesh)
+    fid = fid_monitor.make_fid_monitor(config, layout.model_graphdef, mesh)
 
     # ---- Loop -----------------------------------------------------------------------------------
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              writer=writer, every_steps=config.logging.log_every)
-    guard = checkpoint_lib.PreemptionGuard()
     # Multi-process CPU (gloo) collectives deadlock when many steps are in flight: wait for each.
     sync_every_step = jax.process_count() > 1 and jax.default_backend() == "cpu"
     pending: list[tuple[int, dict]] = []
     last_log_time, last_log_step = time.time(), step
 
     def check_finite():
+        """Raises if a step since the last check left a non-finite state (never saved)."""
         for s, m in pending:
-            loss = float(jax.device_get(m["loss"]))
-            if not np.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss} at step {s}; stopping. Last good checkpoint: step "
-                    f"{ckpt.latest_step()} in {ckpt.directory} (the run resumes from it when "
-                    "restarted)")
+            if not bool(jax.device_get(m[STATE_FINITE])):
+                raise FloatingPointError(nonfinite_message(s, jax.device_get(m), ckpt))
 
     def write_metrics():
         nonlocal pending, last_log_time, last_log_step
         check_finite()
         values = jax.device_get([m for _, m in pending])
-        scalars = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+        scalars = {k: float(np.mean([v[k] for v in values])) for k in values[0]
+                   if k != STATE_FINITE}
         scalars["lr"] = float(values[-1]["lr"])
         elapsed = time.time() - last_log_time
         steps_done = step - last_log_step
@@ -556,10 +733,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> weigh
             if step % config.logging.log_every == 0 or done or preempted:
                 write_metrics()
             if grid_sampler is not None and (step % config.logging.sample_every == 0 or done):
+                check_finite()   # never sample a diverged state
                 with report.timed("sample"):
                     grid = grid_sampler(state.ema_params)
                 grids.write_grid(workdir, step, grid)
                 writer.write_images(step, {"ema_samples": grid[None]})
+            if fid is not None and (step % config.logging.fid_every == 0 or done):
+                check_finite()
+                with report.timed("fid"):
+                    scores = fid(state.ema_params)
+                best = fid_monitor.record(workdir, step, scores)
+                writer.write_scalars(step, {**scores, **{f"{k}_best": v for k, v in best.items()
+                                                         if k != "step"}})
             if done or preempted or ckpt.should_save(step):
                 check_finite()   # never save a state that has already diverged
                 with report.timed("checkpoint"):
@@ -569,7 +754,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> weigh
                 logging.warning("preempted: saved step %d, stopping", step)
                 break
     finally:
-        guard.close()
         ckpt.close()   # waits for the last async save
         writer.flush()
     return state

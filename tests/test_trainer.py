@@ -390,9 +390,13 @@ def test_nonfinite_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
                                       "checkpoint.every_steps": 1, "logging.log_every": 1,
                                       "model.hidden_size": 64, "model.num_blocks": 2,
                                       "model.num_encoder_blocks": 1})
-    with pytest.raises(FloatingPointError,
-                       match=r"at step \d+; stopping. Last good checkpoint: step \d+"):
+    with pytest.raises(FloatingPointError, match=r"after step (\d+) is not finite .*stopping "
+                       r"without saving it. Last finite checkpoint: step \d+") as error:
         trainer.train_and_evaluate(config, str(tmp_path))
+    # Saved every step up to the last finite one, not the diverged one.
+    bad = int(error.value.args[0].split("after step ")[1].split(" ")[0])
+    assert checkpoint_lib.Checkpointer(tmp_path, config.checkpoint).all_steps() == list(
+        range(max(1, bad - 2), bad))
 
 
 def test_xl_256_state_builds_abstractly_sharded(capsys):

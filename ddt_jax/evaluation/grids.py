@@ -49,21 +49,48 @@ class GridSampler:
         self._to_images = jax.jit(self._decode, out_shardings=sharding.replicated(mesh))
 
     def _decode(self, x, vae_params):
+        finite = jnp.all(jnp.isfinite(x))   # uint8 casts NaN to 0: a black grid would hide it
         if self.vae_graphdef is not None:
             x = nnx.merge(self.vae_graphdef, vae_params).decode(x)
         if x.shape[-1] == 1:
             x = jnp.repeat(x, 3, axis=-1)
-        return images_lib.to_uint8(x)
+        return images_lib.to_uint8(x), finite
 
     def __call__(self, ema_params) -> np.ndarray:
+        """The grid of `ema_params`' samples.
+
+        Args:
+          ema_params: the model's params (a pure dict of arrays on the mesh).
+
+        Returns:
+          uint8 (rows*H, cols*W, 3).
+
+        Raises:
+          FloatingPointError: the params or the samples hold NaN or Inf (no grid is made).
+        """
+        if not bool(_host(_all_finite(ema_params))):
+            raise FloatingPointError("the EMA params hold NaN or Inf: no sample grid of them")
         with jax.set_mesh(self.mesh):
             # The sampler jits its own loop (compiled on the first grid, cached after).
             model = nnx.merge(self.model_graphdef, ema_params)
             x = sampler_lib.sample(model, self.noise, self.labels, self.config.logging.sample,
                                    key=self.sampler_key)
-            images = self._to_images(x, self.vae_params)
+            images, finite = self._to_images(x, self.vae_params)
+        if not bool(_host(finite)):
+            raise FloatingPointError("the EMA sample grid came out NaN or Inf from finite params:"
+                                     " check logging.sample (the sampler settings)")
         images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
         return images_lib.image_grid(images)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    # A replicated scalar: the local copy is the global value, on any number of processes.
+    return np.asarray(x.addressable_data(0))
 
 
 def make_grid_sampler(config: ml_collections.ConfigDict, model_graphdef, mesh

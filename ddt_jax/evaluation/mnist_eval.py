@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import pathlib
+import zipfile
 from typing import Mapping
 
 import numpy as np
@@ -77,9 +78,7 @@ def load_samples(samples) -> tuple[np.ndarray, np.ndarray, str]:
         path = pathlib.Path(samples)
         if not path.exists():
             raise FileNotFoundError(f"sample file {path} does not exist")
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in f.files}
-        source = str(path)
+        arrays, source = _read_npz(path), str(path)
     elif isinstance(samples, Mapping):
         arrays, source = dict(samples), "samples"
     elif isinstance(samples, (tuple, list)) and len(samples) == 2:
@@ -93,6 +92,18 @@ def load_samples(samples) -> tuple[np.ndarray, np.ndarray, str]:
                          f"evaluation needs class-conditional samples in the {LAYOUT}")
     images, labels = validate_samples(arrays["arr_0"], arrays["arr_1"], source)
     return images, labels, source
+
+
+def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every array of a .npz, or a ValueError naming the file when it is damaged or truncated."""
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not a complete .npz ({type(e).__name__}: {e}); it is probably truncated "
+            "(an interrupted copy or dump): copy it again, or rerun sample.py with the same "
+            "--output to rewrite it (delete the damaged samples.npz first)") from e
 
 
 @functools.lru_cache(maxsize=4)
