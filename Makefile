@@ -26,7 +26,14 @@ $(TESTDEPS): $(RUNTIME)
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
-test: $(TESTDEPS)
+# libtpu goes to its own folder, not into the venv: installed there, every JAX process would try to
+# start a TPU backend. Only the TPU-compile test puts it on PYTHONPATH.
+LIBTPU := $(VENV)/libtpu/.installed
+$(LIBTPU): $(RUNTIME)
+	$(VENV)/bin/pip install --quiet --no-deps --target $(VENV)/libtpu "libtpu==0.0.42.*"
+	touch $@
+
+test: $(TESTDEPS) $(LIBTPU)
 	$(PY) -m pytest tests
 
 # Each stage resumes: shards are skipped when complete, training continues from its last

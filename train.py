@@ -3,7 +3,8 @@
 Restarting the same command resumes from the latest complete checkpoint in --workdir; any config
 field can be overridden (`--config.optim.lr=2e-4`). `--compile_only` sizes the run instead: it
 AOT-compiles the train step for the devices at hand and prints its memory per device and FLOPs,
-without allocating the model or reading data. A resumed run must keep the model, batch, seed and
+without allocating the model or reading data; `--topology=v5e-256` does it for a TPU slice from
+any host (libtpu's compiler, no TPU needed). A resumed run must keep the model, batch, seed and
 data of the run in --workdir (`--allow_config_change=FIELD,...` to change them on purpose).
 """
 import difflib
@@ -36,17 +37,21 @@ from ml_collections import config_flags  # noqa: E402
 from ddt_jax import checkpoint as checkpoint_lib  # noqa: E402
 from ddt_jax import console  # noqa: E402
 from ddt_jax import sharding  # noqa: E402
+from ddt_jax import tpu_topology  # noqa: E402
 from ddt_jax import trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # What a run refuses with a message that names the problem and the fix: printed as one line.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError,
-               checkpoint_lib.CheckpointError)
+               checkpoint_lib.CheckpointError, tpu_topology.LibtpuMissing)
 
 config_flags.DEFINE_config_file("config", None, "Training config file, e.g. "
                                 "configs/xl_256.py[:dit].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and sample "
                     "grids (required unless --compile_only).")
+flags.DEFINE_string("topology", None, "With --compile_only: compile for this TPU slice instead "
+                    "(v5e-16, v5e-256, v4-256, v5p-128, v6e-16 or v5e:4x4, ...; needs libtpu: "
+                    'pip install -e ".[tpu]").')
 flags.DEFINE_bool("compile_only", False, "Compile the train step for the devices at hand, print "
                   "its memory per device and FLOPs, and exit (no workdir, data or weights).")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs "
@@ -120,6 +125,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.topology and not FLAGS.compile_only:
+        raise app.UsageError("--topology sizes a TPU slice from this host: use it with "
+                             "--compile_only")
     if not FLAGS.compile_only and not FLAGS.workdir:
         raise app.UsageError("--workdir is required (or pass --compile_only to size the run)")
     if EARLY_SIGTERM.received:   # nothing has started: nothing to save
@@ -134,7 +142,9 @@ def main(argv):
                  jax.devices()[0].device_kind)
     try:
         if FLAGS.compile_only:
-            print(trainer.compile_only(FLAGS.config).table(), flush=True)
+            # --topology: abstract devices of a TPU slice; otherwise the devices at hand.
+            devices = tpu_topology.devices(FLAGS.topology) if FLAGS.topology else None
+            print(trainer.compile_only(FLAGS.config, devices=devices).table(), flush=True)
             return
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                    allow_config_change=tuple(FLAGS.allow_config_change))

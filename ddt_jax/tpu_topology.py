@@ -11,6 +11,7 @@ v6e it counts chips.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -31,6 +32,10 @@ _GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128:
              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 _HOW_TO_INSTALL = ('install libtpu (pip install -e ".[tpu]"): it holds the TPU compiler that '
                    "compiles for a slice from this host")
+
+
+class LibtpuMissing(RuntimeError):
+    """libtpu (the TPU compiler) is not installed."""
 
 
 def topology_name(name: str) -> tuple[str, str]:
@@ -75,7 +80,7 @@ def devices(name: str) -> list:
       them on a real slice).
 
     Raises:
-      ValueError: an unknown name; RuntimeError when libtpu is not installed.
+      ValueError: an unknown name; LibtpuMissing: libtpu is not installed.
     """
     generation, grid = topology_name(name)
     # Compiling for a slice never runs on a TPU: let this process load libtpu even when another
@@ -84,12 +89,9 @@ def devices(name: str) -> list:
     # libtpu's default for v4 is one device per TensorCore (8 for v4-8); JAX on a v4 or v5p slice
     # runs each chip as one megacore device, so compile for that.
     options = {"chip_config_name": "megacore"} if generation in ("v4", "v5p") else {}
-    try:
-        topology = topologies.get_topology_desc(f"{generation}:{grid}", "tpu", **options)
-    except (RuntimeError, ValueError) as e:
-        if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and "not found" in str(e).lower():
-            raise RuntimeError(f"cannot compile for {name}: {_HOW_TO_INSTALL} ({e})") from e
-        raise
+    if importlib.util.find_spec("libtpu") is None:
+        raise LibtpuMissing(f"cannot compile for {name}: {_HOW_TO_INSTALL}")
+    topology = topologies.get_topology_desc(f"{generation}:{grid}", "tpu", **options)
     return list(topology.devices)
 
 
