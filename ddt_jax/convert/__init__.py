@@ -1,11 +1,12 @@
 """Official PyTorch checkpoints (DDT / DiT, DINOv2, SD-VAE, FID Inception) -> NNX models.
 
-Each family has its own module (`ddt`, `dinov2`, `vae`, `inception`) that renames keys and infers the
-architecture from the tensor shapes; all of them read files with `state_dict.read_state_dict` and
-fill our params with the one shared `fill.fill_params`, which maps every param to exactly one torch
-key and reports missing, unexpected and mis-shaped tensors together. Only local files are read
-(nothing is downloaded); torch is needed only to unpickle torch files. The command line lives in
-`cli` (`python -m ddt_jax.convert`); converted DDT directories are owned by `ddt_jax.weights`.
+Each family has its own module (`ddt`, `dinov2`, `vae`, `inception`) that renames keys and
+infers the architecture from the tensor shapes; all of them read files with
+`state_dict.read_state_dict` and fill our params with the one shared `fill.fill_params`, which
+maps every param to exactly one torch key and reports missing, unexpected and mis-shaped tensors
+together. Only local files are read (nothing is downloaded); torch is needed only to unpickle torch
+files. The command line lives in `cli` (`python -m ddt_jax.convert`); converted DDT directories
+are owned by `ddt_jax.weights`.
 """
 from ddt_jax.convert.ddt import (
     LIGHTNING_EMA_PREFIX,

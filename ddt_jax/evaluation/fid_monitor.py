@@ -29,7 +29,7 @@ from ddt_jax import sampler as sampler_lib
 from ddt_jax import sharding
 from ddt_jax.evaluation import adm
 from ddt_jax.evaluation import images as images_lib
-from ddt_jax.evaluation import inception_features
+from ddt_jax.evaluation import inception_features as features_lib
 
 HISTORY_FILE = "fid.json"   # in the workdir: every evaluation, and the best step
 
@@ -52,8 +52,8 @@ def reference_statistics(path: str, net) -> tuple[np.ndarray, np.ndarray]:
         if "arr_0" not in data.files:
             raise ValueError(f"logging.fid_reference={path!r} holds neither mu/sigma nor arr_0 "
                              f"(members: {data.files})")
-    runner = inception_features.InceptionRunner(net)
-    acts = inception_features.file_activations(path, runner, progress=False)
+    runner = features_lib.InceptionRunner(net)
+    acts = features_lib.file_activations(path, runner, progress=False)
     return adm.statistics(acts.features["pool"])
 
 
