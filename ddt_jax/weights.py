@@ -10,6 +10,11 @@ Every loader takes abstract targets (ShapeDtypeStructs with shardings) and retur
 those shardings: orbax reads only each host's shards, and host weights from an official file become
 global arrays through `jax.make_array_from_callback`, so a multi-process load never all-gathers
 weights between hosts.
+
+Each source holds the model's blocks unrolled (`blocks.{i}`) or scanned (stacked per encoder /
+decoder, `model.scan_blocks`; see `models.ddt.stack_blocks`), as its config says; official files
+are always unrolled. Loaders read the saved layout and convert it to the target's
+(`to_block_layout`), so any source loads into either kind of model.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddt_jax import checkpoint as checkpoint_lib
 from ddt_jax import convert
@@ -105,11 +111,16 @@ def save_converted(model: nnx.Module, output_dir: str | os.PathLike,
     Returns:
       The absolute output directory.
     """
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    if ddt.is_scanned(params) != bool(config.get("scan_blocks", False)):
+        raise ValueError(f"config.scan_blocks={config.get('scan_blocks', False)} but the model's "
+                         "blocks are " + ("scanned" if ddt.is_scanned(params) else "unrolled")
+                         + ": save it with the config it was built from")
     out = pathlib.Path(output_dir).absolute()   # orbax needs absolute paths
     out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         # Pure dicts (nested dicts of arrays), the same trees a run's TrainState holds.
-        ckptr.save(out / CONVERTED_PARAMS, nnx.state(model, nnx.Param).to_pure_dict(), force=True)
+        ckptr.save(out / CONVERTED_PARAMS, params, force=True)
         if repa_projector is not None:
             ckptr.save(out / CONVERTED_PROJECTOR,
                        nnx.state(repa_projector, nnx.Param).to_pure_dict(), force=True)
@@ -172,6 +183,107 @@ def read_model_config(path: str | os.PathLike, *, num_encoder_blocks: int | None
 
 
 # ---------------------------------------------------------------------------------------------
+# The block layouts: unrolled `blocks.{i}` or scanned `encoder_blocks` / `decoder_blocks`.
+
+def _spec(sharding, ndim: int) -> tuple:
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _stack_abstract(leaves):
+    """Abstract leaves of each block -> the abstract stacked leaf (layer axis replicated)."""
+    a = leaves[0]
+    sharding = a.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, P(None, *_spec(sharding, a.ndim)))
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(a.shape), a.dtype, sharding=sharding)
+
+
+def _index_abstract(a, i: int):
+    """Layer i of an abstract stacked leaf (its layer axis dropped from the sharding)."""
+    del i
+    sharding = a.sharding
+    if isinstance(sharding, NamedSharding):
+        spec = _spec(sharding, a.ndim)
+        if spec[0] is not None:
+            raise ValueError(f"a stacked param's layer axis is sharded ({sharding.spec}); the "
+                             "scanned layout keeps it replicated")
+        sharding = NamedSharding(sharding.mesh, P(*spec[1:]))
+    return jax.ShapeDtypeStruct(tuple(a.shape[1:]), a.dtype, sharding=sharding)
+
+
+def abstract_in_layout(abstract: dict[str, Any], scanned: bool,
+                       num_encoder_blocks: int | None = None) -> dict[str, Any]:
+    """Model params' ShapeDtypeStructs (with shardings) in the scanned or unrolled layout.
+
+    Args:
+      abstract: a model's pure dict of ShapeDtypeStructs, either layout.
+      scanned: the layout wanted.
+      num_encoder_blocks: unrolled -> scanned only: the blocks that go to `encoder_blocks`.
+    """
+    if ddt.is_scanned(abstract) == scanned:
+        return abstract
+    if scanned:
+        if num_encoder_blocks is None:
+            raise ValueError("stacking blocks needs num_encoder_blocks")
+        return ddt.stack_blocks(abstract, num_encoder_blocks, stack=_stack_abstract)
+    return ddt.unstack_blocks(abstract, index=_index_abstract)
+
+
+def to_block_layout(tree: dict[str, Any], abstract: dict[str, Any]) -> dict[str, Any]:
+    """Model params (either layout) in the layout of `abstract`.
+
+    Host (numpy) trees are converted on the host; device arrays by one jit whose outputs are in
+    `abstract`'s shardings (the layer axis is replicated, so stacking and slicing move no data
+    between devices).
+    """
+    if ddt.is_scanned(tree) == ddt.is_scanned(abstract):
+        return tree
+    if ddt.is_scanned(abstract):
+        depth = ddt.encoder_depth_of(abstract)
+        convert_fn = lambda t: ddt.stack_blocks(t, depth)
+    else:
+        convert_fn = ddt.unstack_blocks
+    if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(tree)):
+        return convert_fn(tree)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    return jax.jit(convert_fn, out_shardings=shardings)(tree)
+
+
+def _layout_of_config(model_config) -> tuple[bool, int]:
+    """(scanned, blocks in the first stack) of the model a saved model config describes."""
+    kw = ddt.model_kwargs(ml_collections.ConfigDict(model_config))
+    return kw["scan_blocks"], kw.get("num_encoder_blocks", kw["num_blocks"])
+
+
+def _saved_layout(path: pathlib.Path) -> tuple[bool, int] | None:
+    """(scanned, encoder depth) of the params saved at a converted dir or a run (workdir,
+    checkpoints/ or checkpoints/<step>), from the config saved beside them; None if none is."""
+    if is_converted_dir(path):
+        return _layout_of_config(json.loads((path / CONVERTED_CONFIG).read_text()))
+    for directory in (path, path.parent, path.parent.parent):
+        config_path = directory / RUN_CONFIG
+        if config_path.is_file():
+            try:
+                return _layout_of_config(json.loads(config_path.read_text())["model"])
+            except (ValueError, KeyError) as e:
+                logging.warning("%s: cannot read the model section (%s); assuming the target's "
+                                "block layout", config_path, e)
+                return None
+    return None
+
+
+def _restore_in_saved_layout(path: pathlib.Path, abstract, restore_fn):
+    """`restore_fn(target)` with the target in the layout saved at `path`, converted back to
+    `abstract`'s layout."""
+    saved = _saved_layout(path)
+    if saved is None or saved[0] == ddt.is_scanned(abstract):
+        return restore_fn(abstract)
+    target = abstract_in_layout(abstract, saved[0], saved[1])
+    return to_block_layout(restore_fn(target), abstract)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading into given shardings.
 
 def abstract_params(module_fn, sharding) -> tuple[Any, dict[str, Any]]:
@@ -230,10 +342,11 @@ def load_model_params(path: str | os.PathLike, abstract: dict[str, Any], *, whic
     if which not in ("ema", "raw"):
         raise ValueError(f"weights must be 'raw' or 'ema', got {which!r}")
     if is_converted_dir(path):
-        return _restore_converted(path, CONVERTED_PARAMS, abstract)
+        return _restore_in_saved_layout(
+            path, abstract, lambda target: _restore_converted(path, CONVERTED_PARAMS, target))
     if is_run_dir(path):
-        restored = checkpoint_lib.restore_params(path, _run_subtree(which, abstract), step=step)
-        return _from_run_subtree(which, restored)
+        return _restore_in_saved_layout(path, abstract, lambda target: _from_run_subtree(
+            which, checkpoint_lib.restore_params(path, _run_subtree(which, target), step=step)))
     if path.is_file():
         return _file_model_params(convert.read_state_dict(path), path, abstract, which,
                                   num_encoder_blocks)
@@ -248,8 +361,9 @@ def _file_model_params(state_dict, path: pathlib.Path, abstract, which: str,
     config = convert.infer_ddt_config(weights, num_encoder_blocks=num_encoder_blocks,
                                       name_hint=str(path))
     model = convert.ddt_from_state_dict(weights, config)
-    return place(nnx.state(model, nnx.Param).to_pure_dict(), abstract,
-                 what=f"the weights in {path}")
+    host = to_block_layout(jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict()),
+                           abstract)
+    return place(host, abstract, what=f"the weights in {path}")
 
 
 def _file_projector_params(state_dict, path: pathlib.Path, abstract):
@@ -345,8 +459,8 @@ def load_init_weights(path: str | os.PathLike, abstract_model: dict[str, Any],
     return InitWeights(params=params, ema=ema, projector=projector)
 
 
-def load_converted(directory: str | os.PathLike, *, dtype: str | None = None, sharding=None
-                   ) -> nnx.Module:
+def load_converted(directory: str | os.PathLike, *, dtype: str | None = None, sharding=None,
+                   scan_blocks: bool | None = None) -> nnx.Module:
     """The model saved by `save_converted` (`python -m ddt_jax.convert ddt ...`).
 
     Args:
@@ -354,6 +468,8 @@ def load_converted(directory: str | os.PathLike, *, dtype: str | None = None, sh
       dtype: compute dtype override ("float32", "bfloat16"); None keeps the saved config's.
       sharding: where every param goes (e.g. a replicated NamedSharding over a mesh); None: the
         first local device.
+      scan_blocks: build the scanned (True) or unrolled (False) layout whatever was saved; None
+        keeps the saved config's.
 
     Returns:
       The nnx model with its params loaded.
@@ -365,6 +481,8 @@ def load_converted(directory: str | os.PathLike, *, dtype: str | None = None, sh
     config = read_model_config(directory)
     if dtype is not None:
         config.dtype = dtype
+    if scan_blocks is not None:
+        config.scan_blocks = scan_blocks
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     graphdef, abstract = abstract_params(lambda: ddt.build_model(config, rngs=nnx.Rngs(0)),

@@ -4,6 +4,10 @@ Reads the published Lightning `.ckpt` (`denoiser.` / `ema_denoiser.` copies), a 
 dict or a `.safetensors`. The architecture comes from the tensor shapes, and our param paths mirror
 the official names: `torch_key` maps each of ours to exactly one official key, so the shared filler
 reports a missing, extra or mis-shaped tensor instead of skipping it.
+
+Scanned models (`model.scan_blocks`) are filled through the unrolled layout: the per-block tensors
+are stacked afterwards (`models.ddt.stack_blocks`); `official_state_dict` writes either layout back
+under the official keys.
 """
 from __future__ import annotations
 
@@ -192,16 +196,38 @@ def _describe(config: ml_collections.ConfigDict) -> str:
 
 def ddt_from_state_dict(weights: Mapping[str, np.ndarray], config: ml_collections.ConfigDict
                         ) -> nnx.Module:
-    """The model for `config`, filled with official-layout weights (no random init is spent)."""
-    abstract = nnx.eval_shape(lambda: ddt.build_model(config, rngs=nnx.Rngs(0)))
+    """The model for `config`, filled with official-layout weights (no random init is spent).
+
+    A scanned config (`scan_blocks=True`) gets the per-block tensors stacked.
+    """
+    unrolled = config.copy_and_resolve_references()
+    unrolled.scan_blocks = False
+    abstract = nnx.eval_shape(lambda: ddt.build_model(unrolled, rngs=nnx.Rngs(0)))
     params = fill.fill_params(abstract, weights, torch_key=torch_key,
                               what=f"{_describe(config)} weights", hint=_HINT)
-    return nnx.merge(nnx.graphdef(abstract), jax.tree.map(jnp.asarray, params))
+    if not config.get("scan_blocks", False):
+        return nnx.merge(nnx.graphdef(abstract), jax.tree.map(jnp.asarray, params))
+    params = ddt.stack_blocks(params.to_pure_dict(), abstract.num_encoder_blocks)
+    scanned = nnx.eval_shape(lambda: ddt.build_model(config, rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.graphdef(scanned), jax.tree.map(jnp.asarray, params))
+
+
+def official_state_dict(params) -> dict[str, np.ndarray]:
+    """A model's params (pure dict or nnx.State, either layout) under the official DDT keys.
+
+    Kernels are transposed back to torch's (out, in) weights; the result loads into the official
+    PyTorch model with `load_state_dict` (as numpy arrays; wrap with torch.from_numpy).
+    """
+    if isinstance(params, nnx.State):
+        params = params.to_pure_dict()
+    flat = nnx.traversals.flatten_mapping(ddt.unstack_blocks(params))
+    return {torch_key(path): fill.ours_to_torch(path, np.asarray(value))
+            for path, value in flat.items()}
 
 
 def load_ddt(path: str | os.PathLike, num_encoder_blocks: int | None = None, *,
              use_ema: bool = True, in_channels: int | None = None, patch_size: int | None = None,
-             dtype: str = "float32") -> nnx.Module:
+             dtype: str = "float32", scan_blocks: bool = False) -> nnx.Module:
     """Loads official DDT (or DiT-baseline) weights.
 
     Widths, depth, heads, classes and patch features come from the shapes (see
@@ -214,6 +240,7 @@ def load_ddt(path: str | os.PathLike, num_encoder_blocks: int | None = None, *,
       in_channels: latent channels when C*p*p is ambiguous (default assumes 4, SD-VAE latents).
       patch_size: the patch size, when the channel count is unknown.
       dtype: compute dtype ("float32", "bfloat16"); params stay float32.
+      scan_blocks: build the scanned layout (blocks stacked per encoder / decoder).
 
     Returns:
       The nnx model with the file's weights.
@@ -222,6 +249,7 @@ def load_ddt(path: str | os.PathLike, num_encoder_blocks: int | None = None, *,
     config = infer_ddt_config(weights, num_encoder_blocks=num_encoder_blocks,
                               in_channels=in_channels, patch_size=patch_size, name_hint=str(path))
     config.dtype = dtype
+    config.scan_blocks = scan_blocks
     return ddt_from_state_dict(weights, config)
 
 

@@ -20,6 +20,10 @@ Sharding: every param carries logical axis names from the DDT vocabulary (ddt_ja
 with no mesh and the trainer places it with the same rules as DDT (or replicates it: ViT-B is
 346 MB in float32).
 
+Attention: `attention` picks the kernel as DDT's `model.attention` does ("xla", "cudnn",
+"tpu_flash", "auto"; see ddt_jax/models/layers.py `dot_product_attention`). The 1 + h*w tokens
+(257 at 256px) are padded to whole 128-token blocks for the TPU kernel.
+
 Precision: params are float32. `dtype=jnp.bfloat16` runs the patch embedding, the linear layers
 and attention's matmuls in bfloat16, while LayerNorm statistics, softmax, the residual stream, the
 preprocessing and the returned features stay float32.
@@ -34,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from ddt_jax.models import layers
 
 # Sizes of the published torch-hub backbones (all patch 14, 518px -> 37x37 grid, layer scale,
 # MLP ratio 4). G is `vit_giant2` with the fused SwiGLU FFN.
@@ -215,10 +221,12 @@ class LayerScale(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, attention: str = "xla", dtype,
+                 rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.attention = layers.check_attention(attention)
         self.qkv = _linear(dim, 3 * dim, ("embed", "qkv"), dtype, rngs)
         self.proj = _linear(dim, dim, ("heads", "embed"), dtype, rngs)
 
@@ -228,7 +236,7 @@ class Attention(nnx.Module):
         q, k, v = jnp.unstack(
             self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads), axis=2)
         # scale 1/sqrt(head_dim); logits and softmax are computed in float32 whatever q/k's dtype.
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = layers.dot_product_attention(q, k, v, self.attention)
         return self.proj(out.reshape(b, n, d))
 
 
@@ -255,9 +263,10 @@ class SwiGLUFFN(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, ffn_layer: str, ffn_hidden: int, *, dtype, rngs):
+    def __init__(self, dim: int, num_heads: int, ffn_layer: str, ffn_hidden: int, *,
+                 attention: str = "xla", dtype, rngs):
         self.norm1 = _layer_norm(dim, rngs)
-        self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, num_heads, attention=attention, dtype=dtype, rngs=rngs)
         self.ls1 = LayerScale(dim)
         self.norm2 = _layer_norm(dim, rngs)
         ffn = Mlp if ffn_layer == "mlp" else SwiGLUFFN
@@ -266,8 +275,9 @@ class Block(nnx.Module):
 
     def __call__(self, x):
         # LayerScale's float32 gamma brings bf16 branch outputs back to the float32 residual stream.
+        x = layers.constrain_batch(x)
         x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        return layers.constrain_batch(x + self.ls2(self.mlp(self.norm2(x))))
 
 
 class PatchEmbed(nnx.Module):
@@ -307,7 +317,7 @@ class DINOv2(nnx.Module):
                  mlp_ratio: float = 4.0, ffn_hidden_dim: int | None = None,
                  num_register_tokens: int = 0, interpolate_offset: float = 0.1,
                  nonsquare: Literal["official", "direct"] = "official",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 attention: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
         if ffn_layer not in ("mlp", "swiglu"):
             raise ValueError(f"ffn_layer must be 'mlp' (S/B/L) or 'swiglu' (G), got {ffn_layer!r}")
         if nonsquare not in ("official", "direct"):
@@ -331,8 +341,8 @@ class DINOv2(nnx.Module):
             self.register_tokens = _param(
                 1e-6 * jax.random.normal(key(), (1, num_register_tokens, embed_dim)), tokens)
         self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(embed_dim, num_heads, ffn_layer, ffn_hidden_dim, dtype=dtype,
-                                      rngs=rngs)
+        self.blocks = nnx.List([Block(embed_dim, num_heads, ffn_layer, ffn_hidden_dim,
+                                      attention=attention, dtype=dtype, rngs=rngs)
                                 for _ in range(depth)])
         self.norm = _layer_norm(embed_dim, rngs)
 

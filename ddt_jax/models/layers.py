@@ -9,10 +9,21 @@ Every parameter carries logical axis names (see `sharding.py` for the rules that
   feature  REPA target width (768 for DINOv2-B)    batch    the batch dim of activations and inputs
 
 Variables are created without eager sharding: shardings are applied by the caller from the logical
-names (jit out_shardings / device_put), so a model can also be built with no mesh at all.
+names (jit out_shardings / device_put), so a model can also be built with no mesh at all. A
+`BlockStack` (model.scan_blocks) stacks its blocks' params on a leading axis whose logical name is
+None: replicated, so FSDP still splits every layer's `embed` dim and no mesh rule is needed.
+
+Activations: when the step is traced under a mesh (`jax.set_mesh`, as the trainer lowers it), the
+hidden states' batch axis is constrained to the data-parallel axes (`constrain_batch`), so FSDP
+gathers weights rather than activations; without a mesh it is a no-op.
+
+Memory and speed knobs (model config): `attention` picks the attention kernel (XLA, cuDNN flash
+on GPU, the Pallas splash kernel on TPU), `remat` a jax.checkpoint policy applied per block.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -20,6 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+try:   # pure Python, importable on every backend; guarded in case a jax release moves it
+    from jax.experimental.pallas.ops.tpu import splash_attention
+except ImportError:  # pragma: no cover
+    splash_attention = None
 
 # The timestep sinusoid uses max_period 10 (not DiT's 10000) because t lives in [0, 1].
 TIMESTEP_FREQ_CHANNELS = 256
@@ -27,6 +44,26 @@ TIMESTEP_MAX_PERIOD = 10.0
 NORM_EPS = 1e-6
 ROPE_THETA = 10000.0
 ROPE_SCALE = 16.0  # positions span linspace(0, 16, side): resolution-normalised, not integer
+# The data-parallel mesh axes that split the batch: sharding.BATCH_AXES (models sit below sharding).
+BATCH_AXES = ("data", "fsdp")
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "tpu_flash")
+FLASH_DTYPES = (jnp.bfloat16, jnp.float16)   # what cuDNN's fused attention accepts
+# jax.checkpoint policy per block. "full" and "nothing_saveable" both keep only each block's
+# inputs; "dots_saveable" keeps every matmul output (with XLA attention that includes the f32
+# scores); "dots_with_no_batch_dims_saveable" keeps the weight matmuls' outputs but recomputes
+# attention (its matmuls have batch dims).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# The splash kernel tiles the sequence in blocks of 128 tokens (the TPU lane width) or more.
+SPLASH_MIN_BLOCK = 128
+SPLASH_BLOCKS = (512, 256, 128)   # the largest that divides the (padded) sequence is used
 
 
 def partitioned(init, axes: Sequence[str | None]):
@@ -89,6 +126,166 @@ def layer_norm_no_affine(x, eps: float = NORM_EPS):
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
+
+
+# ----------------------------------------------------------------------------- activation sharding
+
+def _batch_mesh_axes(batch: int) -> tuple[str, ...]:
+    """The active mesh's data-parallel axes that split `batch` evenly; () without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    axes = tuple(a for a in BATCH_AXES if a in types and mesh.shape[a] > 1
+                 and types[a] != jax.sharding.AxisType.Manual)
+    size = math.prod(mesh.shape[a] for a in axes)
+    return axes if axes and batch % size == 0 else ()
+
+
+def constrain_batch(x):
+    """Pins x's leading (batch) axis to the data-parallel mesh axes, the rest replicated.
+
+    Only under a mesh context (the trainer traces its step inside `jax.set_mesh`); a no-op
+    otherwise, and for a batch the axes do not divide (e.g. one sample grid row per device).
+    """
+    axes = _batch_mesh_axes(x.shape[0])
+    if not axes:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
+# ----------------------------------------------------------------------------- attention
+
+_INTERPRET_TPU_KERNELS = contextvars.ContextVar("interpret_tpu_kernels", default=False)
+
+
+@contextlib.contextmanager
+def interpret_tpu_kernels():
+    """Runs `tpu_flash` attention traced inside this context in Pallas interpret mode.
+
+    For tests of the TPU kernel on CPU (slow: a few seconds per small call); on a TPU it would
+    only slow things down.
+    """
+    token = _INTERPRET_TPU_KERNELS.set(True)
+    try:
+        yield
+    finally:
+        _INTERPRET_TPU_KERNELS.reset(token)
+
+
+def check_attention(implementation: str) -> str:
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                         f"{implementation!r}")
+    return implementation
+
+
+def _platform() -> str:
+    """The platform being compiled for: the mesh's devices' (an AOT compile for abstract TPU
+    devices runs on a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def resolve_attention(implementation: str, dtype) -> str:
+    """The kernel `implementation` runs as for inputs of `dtype` on the platform at hand.
+
+    "auto" is cuDNN flash attention on GPU for bf16/fp16, the Pallas splash kernel on TPU and
+    XLA otherwise (CPU, or float32 on GPU); decided at trace time. Explicit choices that cannot
+    run here are errors that name the fix.
+    """
+    check_attention(implementation)
+    backend = _platform()
+    dtype = jnp.dtype(dtype)
+    if implementation == "auto":
+        if backend == "gpu" and dtype in FLASH_DTYPES:
+            return "cudnn"
+        return "tpu_flash" if backend == "tpu" else "xla"
+    if implementation == "cudnn":
+        if backend != "gpu":
+            raise ValueError(f"attention='cudnn' (cuDNN flash attention) needs a GPU, but JAX's "
+                             f"backend is {backend!r}: use 'xla', or 'auto' (which picks by "
+                             "backend)")
+        if dtype not in FLASH_DTYPES:
+            raise ValueError(f"attention='cudnn' needs bfloat16 or float16 inputs, got {dtype}: "
+                             "set model.dtype='bfloat16', or use 'xla' / 'auto' for float32")
+    if implementation == "tpu_flash" and splash_attention is None:
+        raise ValueError(f"attention='tpu_flash' needs jax.experimental.pallas.ops.tpu."
+                         f"splash_attention, which jax {jax.__version__} does not have: use "
+                         "'xla' or 'auto'")
+    if implementation == "tpu_flash" and backend != "tpu" and not _INTERPRET_TPU_KERNELS.get():
+        raise ValueError(f"attention='tpu_flash' (the Pallas TPU splash kernel) needs a TPU, but "
+                         f"JAX's backend is {backend!r}: use 'xla', or 'auto' (which picks by "
+                         "backend); tests run it on CPU inside layers.interpret_tpu_kernels()")
+    return implementation
+
+
+def _splash_block_sizes(seq_len: int) -> splash_attention.BlockSizes:
+    block = next(b for b in SPLASH_BLOCKS if seq_len % b == 0)
+    return splash_attention.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+
+def _splash_local(q, k, v, *, interpret: bool):
+    """Splash attention on (B, N, H, D) q/k/v of one device: padded to whole 128-token blocks.
+
+    Padding keys are masked with segment ids (real tokens 1, padding 0); padded query rows only
+    see padding and are cut off. The kernel does not scale: q is scaled by 1/sqrt(D) first.
+    """
+    b, n, h, d = q.shape
+    n_pad = -(-n // SPLASH_MIN_BLOCK) * SPLASH_MIN_BLOCK
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    q, k, v = (jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, n_pad - n), (0, 0)))
+               for a in (q, k, v))   # B, H, N_pad, D
+    mask = splash_attention.MultiHeadMask([splash_attention.FullMask((n_pad, n_pad))] * h)
+    kernel = splash_attention.make_splash_mha(
+        mask, head_shards=1, q_seq_shards=1, block_sizes=_splash_block_sizes(n_pad),
+        interpret=interpret)
+    if n_pad == n:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        ids = jnp.broadcast_to((jnp.arange(n_pad) < n).astype(jnp.int32), (b, n_pad))
+        out = jax.vmap(kernel)(q, k, v, splash_attention.SegmentIds(q=ids, kv=ids))
+    return out[:, :, :n].transpose(0, 2, 1, 3)
+
+
+def _splash_attention(q, k, v):
+    """Splash attention, under a mesh as a shard_map over the batch (and heads over `tensor`):
+    the partitioner cannot split a Pallas kernel itself and would gather the activations."""
+    local = lambda q, k, v: _splash_local(q, k, v, interpret=_INTERPRET_TPU_KERNELS.get())
+    batch_axes = _batch_mesh_axes(q.shape[0])
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v)
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    heads = ("tensor",) if (types.get("tensor") == jax.sharding.AxisType.Auto
+                            and mesh.shape["tensor"] > 1
+                            and q.shape[2] % mesh.shape["tensor"] == 0) else ()
+    if not batch_axes and not heads:
+        return local(q, k, v)
+    spec = P(batch_axes or None, None, heads or None, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)
+
+
+def dot_product_attention(q, k, v, implementation: str = "xla"):
+    """Softmax attention of (B, N, H, D) q/k/v, scale 1/sqrt(D), no mask, float32 softmax.
+
+    Args:
+      q, k, v: queries, keys and values of one dtype.
+      implementation: one of ATTENTION_IMPLEMENTATIONS (see `resolve_attention`).
+
+    Returns:
+      (B, N, H, D) in q's dtype.
+    """
+    impl = resolve_attention(implementation, q.dtype)
+    if impl == "tpu_flash":
+        return _splash_attention(q, k, v)
+    # jax's "xla" keeps the f32 scores for the backward pass; "cudnn" is the fused flash kernel.
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
 def timestep_frequencies(t, dim: int = TIMESTEP_FREQ_CHANNELS,
@@ -215,13 +412,14 @@ class RoPEAttention(nnx.Module):
     The output projection `proj` has a bias.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int, num_heads: int, *, attention: str = "xla",
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.dtype = dtype
+        self.attention = check_attention(attention)
         self.qkv = linear(hidden_size, 3 * hidden_size, ("embed", "qkv"), use_bias=False,
                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_norm = RMSNorm(self.head_dim, param_dtype=param_dtype)
@@ -235,9 +433,7 @@ class RoPEAttention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # B, N, H, D
         q = apply_rope(self.q_norm(q), rope_angles)
         k = apply_rope(self.k_norm(k), rope_angles)
-        # jax.nn.dot_product_attention keeps the softmax in float32 and picks a fused kernel
-        # (cuDNN flash attention on GPU for bf16) where one exists.
-        out = jax.nn.dot_product_attention(q, k, v.astype(q.dtype))
+        out = dot_product_attention(q, k, v.astype(q.dtype), self.attention)
         return self.proj(out.reshape(b, n, c))
 
 
@@ -267,20 +463,82 @@ class Block(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 attention: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = RMSNorm(hidden_size, param_dtype=param_dtype)
-        self.attn = RoPEAttention(hidden_size, num_heads, **kw)
+        self.attn = RoPEAttention(hidden_size, num_heads, attention=attention, **kw)
         self.norm2 = RMSNorm(hidden_size, param_dtype=param_dtype)
         self.mlp = SwiGLU(hidden_size, mlp_ratio, **kw)
         self.adaLN_modulation = linear(hidden_size, 6 * hidden_size, ("embed", "mlp"), **kw)
 
     def __call__(self, x, c, rope_angles):
+        x = constrain_batch(x)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
             self.adaLN_modulation(c), 6, axis=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope_angles)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return constrain_batch(x)
+
+
+def check_remat(policy: str) -> str:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def _block_fn(graphdef, remat: str, *, prevent_cse: bool = True):
+    """(params, x, c, rope) -> block output, rematerialised per `remat` (a REMAT_POLICIES key)."""
+    def apply(params, x, c, rope_angles):
+        return nnx.merge(graphdef, params)(x, c, rope_angles)
+
+    if check_remat(remat) == "none":
+        return apply
+    return jax.checkpoint(apply, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
+
+
+def apply_block(block: Block, x, c, rope_angles, remat: str = "none"):
+    """`block(x, c, rope_angles)`, as one jax.checkpoint unit unless remat is "none"."""
+    if remat == "none":
+        return block(x, c, rope_angles)
+    graphdef, params = nnx.split(block)
+    return _block_fn(graphdef, remat)(params, x, c, rope_angles)
+
+
+class BlockStack(nnx.Module):
+    """Identical Blocks run as one `jax.lax.scan` over their stacked params (model.scan_blocks).
+
+    Compile time no longer grows with depth. Built from unrolled Blocks, so the params (and
+    their random init) equal theirs: `layers` is one Block whose every param has a leading layer
+    axis (logical name None: replicated; each layer's own dims keep their names and shardings).
+    """
+
+    def __init__(self, blocks: Sequence[Block], *, remat: str = "none"):
+        if not blocks:
+            raise ValueError("a BlockStack needs at least one block")
+        self.num_layers = len(blocks)
+        self.remat = check_remat(remat)
+        graphdef, _ = nnx.split(blocks[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+        stacked = nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: None})
+        self.layers = nnx.merge(graphdef, stacked)
+
+    def __call__(self, x, c, rope_angles, *, start: int = 0, stop: int | None = None):
+        """Blocks [start, stop) of the stack applied to x (all of them by default)."""
+        stop = self.num_layers if stop is None else stop
+        if not 0 <= start < stop <= self.num_layers:
+            raise ValueError(f"block range [{start}, {stop}) is outside the {self.num_layers} "
+                             "stacked blocks")
+        graphdef, params = nnx.split(self.layers)
+        if (start, stop) != (0, self.num_layers):
+            params = jax.tree.map(lambda a: a[start:stop], params)
+        # Inside a scan CSE cannot merge the recomputation into the forward: no barrier needed.
+        block = _block_fn(graphdef, self.remat, prevent_cse=False)
+
+        def body(x, layer_params):
+            return block(layer_params, x, c, rope_angles), None
+
+        return jax.lax.scan(body, x, params)[0]
 
 
 class FinalLayer(nnx.Module):

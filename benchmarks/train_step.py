@@ -1,0 +1,226 @@
+"""Train-step speed and memory of every model variant: attention x remat x scanned blocks.
+
+    python benchmarks/train_step.py                              # S/2 and B/2, 256px, batch 8
+    python benchmarks/train_step.py --variants=B/2 --steps=3 --json=/tmp/steps.json
+    python benchmarks/train_step.py --variants=XL/2 --batch_size=32 --dtype=bfloat16 --repa
+
+The step is the trainer's own (`trainer.setup_step`: AdamW, EMA, the flow-matching loss, REPA
+when --repa; state donated, FSDP/data mesh from the default rules), built once per variant in one
+process. For each: compile time, step time (median of --steps after --warmup), images/s,
+TFLOP/s per device and MFU (analytic FLOPs of ddt_jax/flops.py; XLA's cost_analysis beside them)
+and the compiled memory per device (arguments, temporaries). The table ends with each variant's
+ratios to the default variant (xla, remat none, unrolled) measured in the same run.
+
+Attention variants: xla everywhere, tpu_flash on TPU, cudnn on GPU (bf16/fp16 only). With --repa
+the frozen DINOv2-B/14 is randomly initialised (same shapes and cost as the published one).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ddt_jax import config_schema
+from ddt_jax import flops as flops_lib
+from ddt_jax import sharding
+from ddt_jax import trainer
+from ddt_jax.models import ddt
+from ddt_jax.models import dinov2 as dinov2_lib
+
+GIB = 2.0 ** 30
+REMATS = ("none", "full", "dots_saveable")
+DEFAULT_VARIANT = ("xla", "none", False)
+
+
+def attentions(dtype: str) -> list[str]:
+    """The attention kernels that run on this backend for `dtype`."""
+    backend = jax.default_backend()
+    out = ["xla"]
+    if backend == "tpu":
+        out.append("tpu_flash")
+    if backend == "gpu" and dtype in ("bfloat16", "float16"):
+        out.append("cudnn")
+    return out
+
+
+def make_config(args, size: str, attention: str, remat: str, scan: bool):
+    c = config_schema.default_config()
+    c.model.variant = size
+    c.model.num_encoder_blocks = None            # the paper's split for the size
+    c.model.image_size = args.image_size // 8    # SD-VAE latents
+    c.model.dtype = args.dtype
+    c.model.attention, c.model.remat, c.model.scan_blocks = attention, remat, scan
+    c.global_batch_size = args.batch_size
+    c.data.source = "synthetic"
+    c.data.image_size = args.image_size
+    c.data.with_image = args.repa
+    c.repa.weight = 0.5 if args.repa else 0.0
+    c.repa.dinov2_dtype = args.dtype
+    return c
+
+
+def random_batch(abstract_batch, num_classes: int, seed: int = 0):
+    """Arrays of the batch's shapes, dtypes and shardings (labels in range, images uint8)."""
+    rng = np.random.default_rng(seed)
+
+    def one(name, a):
+        if name == "label":
+            host = rng.integers(0, num_classes, a.shape).astype(a.dtype)
+        elif a.dtype == np.uint8:
+            host = rng.integers(0, 256, a.shape).astype(np.uint8)
+        else:
+            host = (0.5 * rng.standard_normal(a.shape)).astype(a.dtype)
+        return jax.device_put(host, a.sharding)
+
+    return {k: one(k, a) for k, a in abstract_batch.items()}
+
+
+def random_dinov2(config, mesh):
+    """(graphdef, replicated params) of a randomly initialised DINOv2 of the configured width."""
+    graphdef, abstract = trainer.abstract_dinov2(config, mesh)
+    if graphdef is None:
+        return None, None, None
+    by_width = {v["embed_dim"]: v for v in dinov2_lib.DINOV2_VARIANTS.values()}
+    kwargs = by_width[config.repa.feature_dim]
+    dtype = ddt.DTYPES[config.repa.dinov2_dtype]
+    init = lambda: nnx.split(dinov2_lib.DINOv2(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))[1]
+    params = jax.jit(lambda: init().to_pure_dict(),
+                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
+    return graphdef, abstract, params
+
+
+def _xla_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def measure(args, size: str, attention: str, remat: str, scan: bool, dino) -> dict:
+    """Compiles and times one variant's train step."""
+    config = make_config(args, size, attention, remat, scan)
+    config_schema.validate_config(config, check_files=False)
+    mesh = trainer.make_mesh(config)
+    dinov2_graphdef, abstract_dino, dinov2_params = dino
+    t0 = time.perf_counter()
+    setup = trainer.setup_step(config, mesh, dinov2_graphdef, abstract_dino, need_data=False)
+    compiled = setup.lowered.compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    state = trainer.init_train_state(config, setup.layout, setup.tx, jax.random.key(0))
+    batch = random_batch(setup.abstract_batch, config.model.num_classes)
+    positions = trainer.example_positions(
+        sharding.check_batch_size(config.global_batch_size, mesh), mesh)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch, positions, dinov2_params)
+        jax.block_until_ready((state, metrics))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    loss = float(metrics["loss"])
+    step_s = statistics.median(times)
+    depth = 0 if dinov2_params is None else len(dinov2_params["blocks"])
+    analytic = trainer.step_flops(config, setup.abstract_batch, dinov2_depth=depth)
+    devices = mesh.size
+    tflops = analytic / step_s / devices / 1e12
+    peak = flops_lib.peak_flops_per_device(jax.devices()[0], args.peak_tflops)
+    return dict(
+        model=size, attention=attention, remat=remat, scan=scan, mesh=dict(mesh.shape),
+        compile_s=compile_s, step_s=step_s, images_per_s=config.global_batch_size / step_s,
+        tflops_per_device=tflops, mfu=None if peak is None else tflops * 1e12 / peak,
+        analytic_tflop_per_step=analytic / 1e12,
+        xla_tflop_per_device=(None if (x := _xla_flops(compiled)) is None else x / 1e12),
+        temp_gib=None if memory is None else memory.temp_size_in_bytes / GIB,
+        argument_gib=None if memory is None else memory.argument_size_in_bytes / GIB,
+        loss=loss)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | attention | remat | scan | compile s | step s | img/s | TFLOP/s/dev | MFU "
+            "| XLA TFLOP/dev | temp GiB | args GiB | speed x | temp x | compile x |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    base = {r["model"]: r for r in rows if (r["attention"], r["remat"], r["scan"])
+            == DEFAULT_VARIANT}
+    for r in rows:
+        b = base.get(r["model"])
+        ratio = lambda num, den: None if b is None or not den else num / den
+        lines.append(
+            f"| {r['model']} | {r['attention']} | {r['remat']} | {r['scan']} "
+            f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['images_per_s']:.2f} "
+            f"| {r['tflops_per_device']:.4f} | {_fmt(r['mfu'], '.1%')} "
+            f"| {_fmt(r['xla_tflop_per_device'], '.3f')} | {_fmt(r['temp_gib'], '.3f')} "
+            f"| {_fmt(r['argument_gib'], '.3f')} "
+            f"| {_fmt(ratio(b['step_s'], r['step_s']) if b else None, '.2f')} "
+            f"| {_fmt(ratio(r['temp_gib'] or 0, b['temp_gib']) if b else None, '.2f')} "
+            f"| {_fmt(ratio(r['compile_s'], b['compile_s']) if b else None, '.2f')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="S/2,B/2", help="model sizes, comma-separated")
+    parser.add_argument("--image_size", type=int, default=256, help="pixels (latents: / 8)")
+    parser.add_argument("--batch_size", type=int, default=8, help="global batch")
+    parser.add_argument("--dtype", default=None,
+                        help="compute dtype; default float32 on CPU, bfloat16 elsewhere")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repa", action="store_true", help="REPA on, random DINOv2-B/14")
+    parser.add_argument("--attention", default=None,
+                        help="attention kernels to try (default: those this backend runs)")
+    parser.add_argument("--remat", default=",".join(REMATS))
+    parser.add_argument("--scan", default="0,1", help="scan_blocks values: 0, 1 or both")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="peak TFLOP/s per device for MFU (default: looked up by kind)")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    kernels = args.attention.split(",") if args.attention else attentions(args.dtype)
+    scans = [bool(int(s)) for s in args.scan.split(",")]
+    device = jax.devices()[0]
+    print(f"# {jax.device_count()} x {device.device_kind} ({jax.default_backend()}), jax "
+          f"{jax.__version__}; {args.image_size}px, batch {args.batch_size}, {args.dtype}, "
+          f"REPA {'on' if args.repa else 'off'}; median of {args.steps} steps after "
+          f"{args.warmup} warm-up", flush=True)
+    rows = []
+    for size in args.variants.split(","):
+        default = make_config(args, size, *DEFAULT_VARIANT)
+        dino = (random_dinov2(default, trainer.make_mesh(default)) if args.repa
+                else (None, None, None))
+        for attention, remat, scan in itertools.product(kernels, args.remat.split(","), scans):
+            try:
+                row = measure(args, size, attention, remat, scan, dino)
+            except Exception as e:  # noqa: BLE001 - report the variant and go on with the rest
+                print(f"# {size} {attention} {remat} scan={scan}: FAILED {type(e).__name__}: "
+                      f"{str(e)[:300]}", flush=True)
+                continue
+            rows.append(row)
+            print(f"# {size} {attention:9} remat={remat:13} scan={scan!s:5} compile "
+                  f"{row['compile_s']:6.1f} s, step {row['step_s']:.3f} s, loss "
+                  f"{row['loss']:.4f}", flush=True)
+    print(table(rows))
+    print("speed x = default variant's step time / this one's; temp x = temporaries / the "
+          "default's; compile x likewise (default = xla, remat none, unrolled).")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
