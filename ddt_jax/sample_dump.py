@@ -31,6 +31,7 @@ from PIL import Image
 from ddt_jax import checkpoint as checkpoint_lib
 from ddt_jax import console
 from ddt_jax import convert
+from ddt_jax import files
 from ddt_jax import rng
 from ddt_jax import sampler as sampler_lib
 from ddt_jax import sharding
@@ -372,25 +373,10 @@ def _part_path(output: pathlib.Path, batch: int, process: int, process_count: in
     return output / PARTS_DIR / f"{batch:07d}.p{process}of{process_count}.npz"
 
 
-TMP_PREFIX = ".tmp."
+TMP_PREFIX = files.TMP_PREFIX
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """write(file) into a temporary sibling, then rename: a killed run leaves no partial file.
-
-    The temporary file is removed when `write` fails or is interrupted (SIGTERM, Ctrl-C); one a
-    SIGKILL leaves behind is removed by the next dump (`remove_stale_temps`).
-    """
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}.{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+_atomic_write = files.atomic_write   # temporaries named files.TMP_PREFIX<pid>.<name>
 
 
 def remove_stale_temps(output: pathlib.Path) -> list[pathlib.Path]:

@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 
 from ddt_jax import convert
+from ddt_jax import files
 from ddt_jax.evaluation import adm
 from ddt_jax.evaluation import inception_features as features_lib
 from ddt_jax.evaluation import reference
@@ -139,7 +140,7 @@ def evaluate(ref_path, sample_path, net, *, batch_size: int = features_lib.DEFAU
         output = pathlib.Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         text = (json.dumps(result, indent=2) + "\n").encode()
-        features_lib.atomic_write(output, lambda f: f.write(text))
+        files.atomic_write(output, lambda f: f.write(text))
     return result
 
 

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import pathlib
 import struct
 import zipfile
@@ -30,6 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from ddt_jax import console
+from ddt_jax import files
 from ddt_jax import sharding
 from ddt_jax.models import inception
 
@@ -390,20 +390,6 @@ def compute_features(path, runner: InceptionRunner, *, progress: bool = True
 # The activation cache
 # ----------------------------------------------------------------------------------------------
 
-def atomic_write(path, write: Callable) -> None:
-    """write(file) into a temporary sibling, then rename: a killed run leaves no partial file."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def file_sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -448,7 +434,7 @@ def save_cache(file: pathlib.Path, features: dict[str, np.ndarray], meta: dict) 
     """Writes the cache atomically; an unwritable folder costs only a log line."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(file, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **features))
+        files.atomic_write(file, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **features))
         logging.info("cached the activations in %s", file)
     except OSError as e:
         logging.warning("cannot write the activation cache %s (%s); pass --cache_dir=DIR (a "

@@ -21,6 +21,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ddt_jax import console
+from ddt_jax import files
 from ddt_jax.evaluation import inception_features as features_lib
 from ddt_jax.models import inception
 from input_pipeline import prepare_imagenet
@@ -307,7 +308,7 @@ def make_reference(source, output, runner: features_lib.InceptionRunner, *,
                 bar.update(len(block))
                 yield block
 
-        features_lib.atomic_write(output, lambda f: _write_npz(
+        files.atomic_write(output, lambda f: _write_npz(
             f, (len(index), *images.image_shape), blocks(), arrays))
         bar.close()
         logging.info("wrote %s: arr_0 %d of %d images, statistics over all", output, len(index),
