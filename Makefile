@@ -44,7 +44,8 @@ demo: $(RUNTIME)
 	$(PY) train.py --config=configs/mnist.py --workdir=$(DEMO_DIR) --config.data.path=$(DEMO_DIR)/data \
 		$(DEMO_TRAIN_FLAGS)
 	$(PY) sample.py --workdir=$(DEMO_DIR) --output=$(DEMO_DIR)/eval_samples --balanced --config.num_steps=25 \
-		--config.guidance=3.0 --config.guidance_interval_min=0.0 --config.state_refresh_rate=2 $(DEMO_SAMPLE_FLAGS)
+		--config.guidance=3.0 --config.guidance_interval_min=0.0 --config.last_step=0.04 \
+		--config.state_refresh_rate=2 $(DEMO_SAMPLE_FLAGS)
 	$(PY) -m ddt_jax.evaluation.mnist_eval $(DEMO_DIR)/eval_samples/samples.npz --output $(DEMO_DIR)/metrics.json
 
 clean-demo:

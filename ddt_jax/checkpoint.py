@@ -1,22 +1,25 @@
-"""Checkpoints of a training run: train state, EMA, REPA projector and data position, atomically.
+"""Checkpoints of a training run: train state, EMA and REPA projector, atomically and verified.
 
-One orbax `CheckpointManager` under `<workdir>/checkpoints/<step>/` holds two items per step:
+One orbax `CheckpointManager` under `<workdir>/checkpoints/<step>/` (local or gs://) holds the
 
     state   the train state, a dict of (sharded) arrays whose key layout `weights.TrainState`
-            owns (see ddt_jax/weights.py): this module knows only the two items, not their keys
-    data    the grain iterator's position, one JSON per process (so a resumed run sees exactly the
-            batches an uninterrupted one would have seen)
+            owns (see ddt_jax/weights.py): this module knows only the items, not their keys
+
+The data position needs no item: the pipeline's batch s is a function of the step
+(input_pipeline/pipeline.py), so a run resumes with the batch an uninterrupted run would have seen
+next, on any number of processes. (Checkpoints of earlier versions also hold a `data` item, the
+grain iterator's position per process; it is not read.)
 
 Saves are asynchronous (the step loop continues while the arrays are written) and atomic: orbax
-writes into a temporary directory and renames it when every item of every process is written, so a
-run killed mid-save leaves a temporary directory that the next start deletes, and resumes from the
-last complete step.
+writes into a temporary directory and, when every item of every process is written, renames it
+(on GCS, where a rename is not atomic, it writes a commit marker instead), so a run killed mid-save
+leaves an unfinished step that the next start ignores and deletes, and resumes from the last
+complete step.
 
-Every save is verified on restore. With the arrays it writes a third item,
+Every save is verified on restore. With the arrays it writes a second item,
 
     checksums   one JSON (process 0): a 64-bit digest, shape and dtype of every array of `state`,
-                computed on device from the arrays being saved, and a CRC32 of each process's
-                `data` position
+                computed on device from the arrays being saved
 
 so the digests commit atomically with the step and nothing is read back. A restore recomputes the
 digests on device from the arrays it read and also requires them to be finite; a step that fails
@@ -37,10 +40,8 @@ import os
 import signal
 import sys
 import threading
-import zlib
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,9 +50,11 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ddt_jax import files
+
 CHECKPOINT_DIR = "checkpoints"
 REJECTED_DIR = "rejected_checkpoints"     # beside checkpoints/: steps that failed verification
-STATE_ITEM, DATA_ITEM, CHECKSUMS_ITEM = "state", "data", "checksums"
+STATE_ITEM, CHECKSUMS_ITEM = "state", "checksums"
 CHECKSUMS_FILE = "checksums.json"         # <step>/checksums/checksums.json
 CHECKSUMS_VERSION = 1
 
@@ -65,8 +68,9 @@ class LayoutError(CheckpointError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-    # Absolute: orbax finalises saves in a background thread whose working directory may differ.
-    return os.path.abspath(os.path.join(os.fspath(workdir), CHECKPOINT_DIR))
+    """<workdir>/checkpoints: absolute when local (orbax finalises saves in a background thread
+    whose working directory may differ), gs://... as it is."""
+    return os.fspath(files.as_path(workdir) / CHECKPOINT_DIR)
 
 
 def _type_handlers():
@@ -185,17 +189,6 @@ def digests(tree) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _data_checksums(data_iterator) -> list[int]:
-    """CRC32 of every process's data-iterator position, in process order (one small allgather)."""
-    position = data_iterator.get_state()
-    blob = position if isinstance(position, bytes) else json.dumps(position,
-                                                                   sort_keys=True).encode()
-    crc = np.array([zlib.crc32(blob)], np.uint32)
-    if jax.process_count() > 1:
-        crc = multihost_utils.process_allgather(crc)
-    return [int(c) for c in np.ravel(crc)]
-
-
 def _verify(tree, record: dict | None) -> list[str]:
     """What is wrong with restored arrays: non-finite values, or digests unlike the record's."""
     problems = []
@@ -308,7 +301,7 @@ def _check_verified(step_dir: epath.Path, problems: list[str]) -> None:
 
 
 class Checkpointer:
-    """A CheckpointManager for (state, data iterator) pairs; see the module docstring."""
+    """A CheckpointManager of train states with checksums; see the module docstring."""
 
     def __init__(self, workdir: str | os.PathLike, checkpoint_config, *, read_only: bool = False):
         cfg = checkpoint_config
@@ -332,7 +325,6 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={
                 STATE_ITEM: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
-                DATA_ITEM: grain.checkpoint.CheckpointHandler(),
                 CHECKSUMS_ITEM: ocp.JsonCheckpointHandler(filename=CHECKSUMS_FILE)})
 
     def latest_step(self) -> int | None:
@@ -344,16 +336,13 @@ class Checkpointer:
     def step_dir(self, step: int) -> epath.Path:
         return epath.Path(self.directory) / str(step)
 
-    def save(self, step: int, state: dict[str, Any], data_iterator=None, *,
-             force: bool = False) -> bool:
-        """Starts saving `state` (a dict of arrays), its checksums and the iterator, unless the
-        policy skips the step.
+    def save(self, step: int, state: dict[str, Any], *, force: bool = False) -> bool:
+        """Starts saving `state` (a dict of arrays) and its checksums, unless the policy skips
+        the step.
 
         Args:
           step: the training step the checkpoint is filed under.
           state: the `state` item, a pytree of arrays (e.g. `weights.TrainState.to_dict()`).
-          data_iterator: a grain iterator whose position is saved as the `data` item; None: no
-            `data` item.
           force: save even if `step` is not a multiple of `every_steps` (preemption, end of
             training).
 
@@ -376,27 +365,18 @@ class Checkpointer:
                   "arrays": {k: {f: d[f] for f in ("digest", "shape", "dtype")}
                              for k, d in arrays.items()}}
         items = {STATE_ITEM: ocp.args.PyTreeSave(state)}
-        if data_iterator is not None:
-            record["data"] = _data_checksums(data_iterator)
-            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
         items[CHECKSUMS_ITEM] = ocp.args.JsonSave(record)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state: dict[str, Any] | None,
-                data_iterator=None) -> dict[str, Any] | None:
-        """Restores and verifies the state, in `abstract_state`'s shardings (None: only the
-        iterator, in place).
+    def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
+        """Restores and verifies the state, in `abstract_state`'s shardings.
 
         Args:
           step: the checkpointed step to read.
-          abstract_state: the `state` item's tree of ShapeDtypeStructs (with shardings), or None
-            to skip the `state` item.
-          data_iterator: a grain iterator to set, in place, to the saved position; None: the
-            `data` item is not read.
+          abstract_state: the `state` item's tree of ShapeDtypeStructs (with shardings).
 
         Returns:
-          The restored `state` tree (arrays in `abstract_state`'s shardings), or None if
-          `abstract_state` is None.
+          The restored `state` tree (arrays in `abstract_state`'s shardings).
 
         Raises:
           CheckpointError: the step cannot be read, or what it read differs from what was saved
@@ -404,14 +384,10 @@ class Checkpointer:
         """
         step_dir = self.step_dir(step)
         record = _read_record(step_dir)
-        items = {}
-        if abstract_state is not None:
-            _check_layout(step_dir, abstract_state, record, whole=True)
-            items[STATE_ITEM] = ocp.args.PyTreeRestore(
-                item=abstract_state,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
-        if data_iterator is not None:
-            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+        _check_layout(step_dir, abstract_state, record, whole=True)
+        items = {STATE_ITEM: ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
         restored, error = None, None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -419,24 +395,19 @@ class Checkpointer:
             error = e
             _collect_abandoned_reads()
         _check_readable(step_dir, error)
-        state = restored[STATE_ITEM] if abstract_state is not None else None
-        problems = _verify(state, record) if state is not None else []
-        if data_iterator is not None and record is not None and "data" in record:
-            if _data_checksums(data_iterator) != record["data"]:
-                problems.append("the data-iterator position differs from the one saved")
-        _check_verified(step_dir, problems)
+        state = restored[STATE_ITEM]
+        _check_verified(step_dir, _verify(state, record))
         if record is None:
             logging.warning("%s has no checksums (saved before they were recorded): restored "
                             "it unverified (only checked to be finite)", step_dir)
         return state
 
-    def restore_latest(self, abstract_state: dict[str, Any] | None, data_iterator=None
+    def restore_latest(self, abstract_state: dict[str, Any]
                        ) -> tuple[int | None, dict[str, Any] | None]:
         """Restores the newest step that verifies; bad newer steps are reported and set aside.
 
         Args:
           abstract_state: as for `restore`.
-          data_iterator: as for `restore`.
 
         Returns:
           (step, restored state) of the newest step that verifies, or (None, None) when there is
@@ -458,7 +429,7 @@ class Checkpointer:
                     raise CheckpointError(
                         f"{self.step_dir(step)} has no checksums item although step {older[0]} "
                         "has one: the step is incomplete")
-                state = self.restore(step, abstract_state, data_iterator)
+                state = self.restore(step, abstract_state)
             except LayoutError:
                 raise   # every step has the run's layout: no fallback helps
             except CheckpointError as e:
@@ -474,7 +445,7 @@ class Checkpointer:
             f"no checkpoint in {self.directory} verifies: "
             + " | ".join(reason for _, reason in rejected)
             + f". Restore these step directories from a copy, or move them away (e.g. into "
-            f"{os.path.join(os.path.dirname(self.directory), REJECTED_DIR)}) to start the run "
+            f"{epath.Path(self.directory).parent / REJECTED_DIR}) to start the run "
             "from scratch, or train in a new --workdir")
 
     def _set_aside(self, rejected: list[tuple[int, str]]) -> None:
@@ -483,7 +454,7 @@ class Checkpointer:
         if not rejected or self.read_only:
             return
         if jax.process_index() == 0:
-            target_root = epath.Path(os.path.dirname(self.directory)) / REJECTED_DIR
+            target_root = epath.Path(self.directory).parent / REJECTED_DIR
             target_root.mkdir(parents=True, exist_ok=True)
             for step, reason in rejected:
                 target, n = target_root / str(step), 1
@@ -526,7 +497,7 @@ def restore_params(path: str | os.PathLike, abstract: dict[str, Any],
       CheckpointError: the step cannot be read, or the arrays read differ from their checksums
         or are not finite (the message names the step directory, the reason and the fix).
     """
-    path = epath.Path(os.path.abspath(os.fspath(path)))
+    path = files.as_path(path)
     if (path / CHECKPOINT_DIR).exists():
         path = path / CHECKPOINT_DIR
     if (path / STATE_ITEM).exists():          # one step directory

@@ -15,11 +15,12 @@ set it: `--config.vae.path=/weights/sd-vae-ft-ema`). Counts and weights use 0 fo
 """
 from __future__ import annotations
 
-import os
+import math
 
 import ml_collections
 from etils import epath
 
+from ddt_jax import files
 from ddt_jax import flow
 from ddt_jax import sampler as sampler_lib
 from ddt_jax.models import ddt
@@ -43,6 +44,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = _placeholder(str)
     # Peak bf16 TFLOP/s of one device for the MFU log; None = look the device kind up (flops.py).
     c.peak_tflops_per_device = _placeholder(float)
+    # Persistent XLA compilation cache, so a restarted or resumed run does not recompile (the
+    # XL/2 step takes minutes to compile): None = <workdir>/compilation_cache (local or gs://),
+    # "" = off. A cache directory set outside (JAX_COMPILATION_CACHE_DIR) is kept.
+    c.compilation_cache_dir = _placeholder(str)
 
     # ---- model: DDT-XL/2 22en6de -----------------------------------------------------------------
     c.model = ddt.default_model_config()
@@ -79,6 +84,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0      # official: weight_decay 0.0
     c.optim.warmup_steps = 0        # official: none
     c.optim.grad_clip_norm = 0.0    # official: none (Lightning gradient_clip_val unset); > 0 clips
+    # Microbatches per step: the global batch is split into this many equal parts whose gradients
+    # are averaged before one optimizer step (the same update as the whole batch, to rounding),
+    # so a batch that does not fit in memory still trains; 1 = off.
+    c.optim.grad_accum_steps = 1
 
     # ---- EMA -------------------------------------------------------------------------------------
     c.ema = ml_collections.ConfigDict()
@@ -204,7 +213,12 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
             f"num_train_steps must be positive, got {config.num_train_steps}")
     require(config.global_batch_size > 0,
             f"global_batch_size must be positive, got {config.global_batch_size}")
-    require(config.optim.lr > 0, f"optim.lr must be positive, got {config.optim.lr}")
+    require(math.isfinite(config.optim.lr) and config.optim.lr > 0,
+            f"optim.lr must be positive and finite, got {config.optim.lr}")
+    require(config.optim.grad_accum_steps >= 1 and
+            config.global_batch_size % config.optim.grad_accum_steps == 0,
+            f"optim.grad_accum_steps={config.optim.grad_accum_steps} must be >= 1 and divide "
+            f"global_batch_size={config.global_batch_size} (1 = no accumulation)")
     require(config.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     require(config.optim.grad_clip_norm >= 0,
             "optim.grad_clip_norm must be >= 0 (0 = no clipping)")
@@ -285,7 +299,7 @@ def _check_fid_fields(config: ml_collections.ConfigDict, check_files: bool) -> N
 def check_dinov2_path(config: ml_collections.ConfigDict) -> None:
     """Raises FileNotFoundError with the fix when REPA is on and its DINOv2 weights are missing."""
     path = config.repa.dinov2_path
-    if not path or not os.path.exists(path):
+    if not path or not files.as_path(path).exists():
         raise FileNotFoundError(
             f"repa.dinov2_path={path!r} does not exist, and repa.weight={config.repa.weight} needs "
             "DINOv2-B/14 weights. Download dinov2_vitb14_pretrain.pth (facebookresearch/dinov2) "

@@ -23,10 +23,13 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import PartitionSpec as P
 
 from ddt_jax import checkpoint as checkpoint_lib
 from ddt_jax import config_schema
 from ddt_jax import convert
+from ddt_jax import files
 from ddt_jax import flops as flops_lib
 from ddt_jax import flow
 from ddt_jax import rng
@@ -141,12 +144,36 @@ def init_train_state(config, layout: StateLayout, tx, key) -> weights.TrainState
 def example_positions(local_batch_size: int, mesh) -> jax.Array:
     """Each example's index in the run's data order, as a global (B,) int32 array beside the batch.
 
-    The pipeline gives process p the examples p, p + P, p + 2P, ... of each global batch (a slice
-    `[p::P]` of one shuffled order), so row r of process p is example p + P*r whatever P is.
+    The pipeline gives process p the contiguous block [p*b, (p+1)*b) of each global batch
+    (pipeline._ProcessBlocks, b = B/P), so row r of process p is example p*b + r whatever P is:
+    the per-example keys do not depend on the number of processes either.
     """
-    p, n = jax.process_index(), jax.process_count()
-    local = (p + n * np.arange(local_batch_size)).astype(np.int32)
+    local = (jax.process_index() * local_batch_size
+             + np.arange(local_batch_size)).astype(np.int32)
     return sharding.host_to_global({"position": local}, mesh)["position"]
+
+
+def check_grad_accum(global_batch_size: int, accum_steps: int, data_parallel: int) -> None:
+    """Raises ValueError unless every microbatch splits evenly over the data-parallel devices."""
+    if global_batch_size % (accum_steps * data_parallel):
+        raise ValueError(
+            f"optim.grad_accum_steps={accum_steps} microbatches of global_batch_size="
+            f"{global_batch_size} do not split over the {data_parallel} data-parallel devices: "
+            f"use a batch that is a multiple of {accum_steps * data_parallel}, or another "
+            "grad_accum_steps")
+
+
+def split_microbatches(tree, accum_steps: int, data_parallel: int):
+    """(B, ...) leaves -> (accum_steps, B / accum_steps, ...), microbatch m taking rows m*L/n ..
+    (m+1)*L/n - 1 of every device's L = B/D rows: each microbatch stays spread over all D devices
+    and no row moves between devices (splitting the global batch into contiguous thirds would
+    put each microbatch on a third of the devices)."""
+    def split(x):
+        rows = x.shape[0] // data_parallel
+        x = x.reshape((data_parallel, accum_steps, rows // accum_steps) + x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        return x.reshape((accum_steps, x.shape[1] * x.shape[2]) + x.shape[3:])
+    return jax.tree.map(split, tree)
 
 
 def make_loss_fn(config, layout: StateLayout, dinov2_graphdef=None):
@@ -175,14 +202,46 @@ def all_finite(*trees) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_train_step(config, layout: StateLayout, tx, lr_schedule, dinov2_graphdef=None):
-    """The pure train step: (state, batch, positions, dinov2_params) -> (state, metrics)."""
+def make_train_step(config, layout: StateLayout, tx, lr_schedule, dinov2_graphdef=None, *,
+                    data_parallel: int = 1):
+    """The pure train step: (state, batch, positions, dinov2_params) -> (state, metrics).
+
+    With optim.grad_accum_steps = n > 1 the batch is split into n microbatches (see
+    `split_microbatches`; `data_parallel` is the mesh's data x fsdp size) whose loss and
+    gradients are summed in float32 over a lax.scan and divided by n: the mean over the whole
+    batch, as without accumulation (equal-size microbatches), with one microbatch's activations
+    in memory at a time.
+    """
     loss_fn = make_loss_fn(config, layout, dinov2_graphdef)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     decay = config.ema.decay
+    accum = config.optim.grad_accum_steps
+    check_grad_accum(config.global_batch_size, accum, data_parallel)
+
+    def loss_and_grads(params, batch, positions, step, dinov2_params):
+        if accum == 1:
+            return grad_fn(params, batch, positions, step, dinov2_params)
+        micro = split_microbatches((batch, positions), accum, data_parallel)
+        batch_spec = P(None, sharding.BATCH_AXES)
+        micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, P(*batch_spec, *([None] * (x.ndim - 2)))), micro)
+
+        def accumulate(total, inputs):
+            out = grad_fn(params, *inputs, step, dinov2_params)
+            return jax.tree.map(lambda t, o: t + o.astype(t.dtype), total, out), None
+
+        shapes = jax.eval_shape(grad_fn, params, *jax.tree.map(lambda x: x[0], micro), step,
+                                dinov2_params)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype,
+                                                                            jnp.float32)), shapes)
+        # The gradient sums keep the params' shardings (reduce-scattered per microbatch).
+        zeros = (zeros[0], jax.lax.with_sharding_constraint(zeros[1], layout.shardings.params))
+        total, _ = jax.lax.scan(accumulate, zeros, micro)
+        return jax.tree.map(lambda t: t / accum, total)
 
     def train_step(state: weights.TrainState, batch, positions, dinov2_params):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, positions, state.step, dinov2_params)
+        (loss, parts), grads = loss_and_grads(state.params, batch, positions, state.step,
+                                              dinov2_params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # EMA after every optimizer step, from step 0 (official SimpleEMA, every_n_steps=1).
@@ -207,7 +266,7 @@ def batch_abstract(config, mesh, *, need_data: bool = True) -> dict[str, jax.Sha
     config (those the synthetic source, and the latent cache, yield).
     """
     if need_data or config.data.source != "array_record" or (
-            config.data.path and os.path.exists(config.data.path)):
+            config.data.path and files.as_path(config.data.path).exists()):
         spec = pipeline.element_spec(config.data)
     else:
         synthetic = config.data.copy_and_resolve_references()
@@ -237,7 +296,7 @@ def abstract_dinov2(config, mesh):
     when they are absent (compile-only): the published size of width repa.feature_dim."""
     if not repa_enabled(config):
         return None, None
-    if config.repa.dinov2_path and os.path.exists(config.repa.dinov2_path):
+    if config.repa.dinov2_path and files.as_path(config.repa.dinov2_path).exists():
         kwargs = convert.dinov2_config_from_state_dict(
             convert.read_state_dict(config.repa.dinov2_path),
             num_heads=config.repa.dinov2_num_heads)
@@ -323,7 +382,7 @@ def restore_init_from(config, path: str, layout: StateLayout,
     Returns:
       `state` with params, EMA and (if found) projector from `path`.
     """
-    if not os.path.exists(path):
+    if not files.as_path(path).exists():
         raise FileNotFoundError(f"init_from={path!r} is neither a run directory, a converted "
                                 "model directory nor a checkpoint file")
     depth = config.model.num_encoder_blocks if config.model.arch == "ddt" else None
@@ -366,7 +425,8 @@ def setup_step(config, mesh, dinov2_graphdef, abstract_dino, *, need_data: bool 
     abstract_batch = batch_abstract(config, mesh, need_data=need_data)
     abstract_positions = jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32,
                                               sharding=sharding.batch_sharding(mesh, 1))
-    step_fn = make_train_step(config, layout, tx, lr_schedule, dinov2_graphdef)
+    step_fn = make_train_step(config, layout, tx, lr_schedule, dinov2_graphdef,
+                              data_parallel=sharding.data_parallel_size(mesh))
     lowered = jit_step(step_fn, layout, abstract_batch, abstract_positions, abstract_dino, mesh)
     return StepSetup(mesh=mesh, tx=tx, lr_schedule=lr_schedule, layout=layout,
                      abstract_batch=abstract_batch, abstract_positions=abstract_positions,
@@ -527,7 +587,8 @@ def config_changes(saved: dict, config: ml_collections.ConfigDict,
 
 def check_workdir(workdir: str) -> None:
     """Raises NotADirectoryError for a --workdir that exists but is not a directory."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    path = files.as_path(workdir)
+    if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory: pass a "
                                  "directory (it is created if missing)")
 
@@ -547,12 +608,11 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
     unknown = sorted(a for a in allow if a not in sections)
     if unknown:
         raise ValueError(f"--allow_config_change names no config field: {unknown}")
-    path = os.path.join(workdir, weights.RUN_CONFIG)
-    if not weights.run_steps(workdir) or not os.path.exists(path):
+    path = files.as_path(workdir) / weights.RUN_CONFIG
+    if not weights.run_steps(workdir) or not path.exists():
         return
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} cannot be read ({e}): restore it from a copy of the run, or "
                          "delete it to resume with the new config unchecked") from e
@@ -563,6 +623,32 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
             f"{workdir} holds a run with other settings than this config: {'; '.join(changes)}. "
             f"Resume with the run's settings (in {path}), train in a new --workdir, or, to "
             f"change them on purpose, pass --allow_config_change={fields}")
+
+
+COMPILATION_CACHE_DIR = "compilation_cache"   # in the workdir, unless config says elsewhere
+_cache_dir_set_here: list[str] = []            # the cache directory this module chose last
+
+
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """Points JAX's persistent compilation cache at config.compilation_cache_dir (None:
+    <workdir>/compilation_cache; "": off), so a restart loads the compiled step instead of
+    compiling it again. A directory set outside this module (JAX_COMPILATION_CACHE_DIR, or
+    jax.config by the caller) is kept. Returns the directory in use (None: no cache)."""
+    current = jax.config.jax_compilation_cache_dir
+    if current and current not in _cache_dir_set_here:
+        logging.info("compilation cache: %s (set outside the config)", current)
+        return current
+    wanted = config.compilation_cache_dir
+    if wanted is None:
+        wanted = os.fspath(files.as_path(workdir) / COMPILATION_CACHE_DIR)
+    elif wanted:
+        wanted = files.as_str(wanted)
+    if wanted != current:
+        jax.config.update("jax_compilation_cache_dir", wanted or None)
+        compilation_cache.reset_cache()   # JAX reads the directory once, at its first compile
+        _cache_dir_set_here.append(wanted)
+    logging.info("compilation cache: %s", wanted or "off (compilation_cache_dir='')")
+    return wanted or None
 
 
 def nonfinite_message(step: int, metrics: dict, ckpt: checkpoint_lib.Checkpointer) -> str:
@@ -580,11 +666,8 @@ def nonfinite_message(step: int, metrics: dict, ckpt: checkpoint_lib.Checkpointe
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes <workdir>/config.json atomically (temp file + rename): never half a file."""
-    path = os.path.join(workdir, weights.RUN_CONFIG)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)
+    files.atomic_write_text(files.as_path(workdir) / weights.RUN_CONFIG,
+                            config.to_json_best_effort(indent=2))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -612,7 +695,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train_and_evaluate(config, workdir: str, guard, allow_config_change: tuple[str, ...]):
     # Every check that can refuse the start runs before anything is written to the workdir.
-    workdir = os.path.abspath(workdir)
+    workdir = files.as_str(workdir)   # absolute when local; gs://... as it is
     config_schema.validate_config(config)
     check_workdir(workdir)
     check_resume_config(workdir, config, allow_config_change)
@@ -627,11 +710,8 @@ def _train_and_evaluate(config, workdir: str, guard, allow_config_change: tuple[
                  dict(mesh.shape), mesh.size, jax.process_count(), config.global_batch_size,
                  local_batch)
 
-    # ---- Data -----------------------------------------------------------------------------------
+    # ---- Data (checked here; the iterator starts at the resumed step, below) ---------------------
     pipeline.check_latent_scaling(config.data, config.vae.scaling_factor)
-    data_iter = pipeline.create_train_iterator(
-        config.data, global_batch_size=config.global_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed)
     positions = example_positions(local_batch, mesh)
 
     # ---- Model, REPA projector, AdamW and EMA: shardings from the params' logical axes ----------
@@ -640,6 +720,8 @@ def _train_and_evaluate(config, workdir: str, guard, allow_config_change: tuple[
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), dinov2_params))
     setup = setup_step(config, mesh, dinov2_graphdef, abstract_dino)
     layout = setup.layout
+    # Every program from here on (init, train step, grids, FID) is cached for the next start.
+    use_compilation_cache(config, workdir)
     n_params = sum(x.size for x in jax.tree.leaves(layout.abstract.params[weights.MODEL]))
     logging.info("model: %s %s, %.1fM params; train state %.2f GiB per device",
                  config.model.arch, config.model.variant, n_params / 1e6,
@@ -648,7 +730,7 @@ def _train_and_evaluate(config, workdir: str, guard, allow_config_change: tuple[
     # ---- Resume, or start (from scratch or init_from) -------------------------------------------
     ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     # The newest step that verifies (checksums, finite); bad newer ones are set aside, warned.
-    latest, restored = ckpt.restore_latest(layout.abstract.to_dict(), data_iter)
+    latest, restored = ckpt.restore_latest(layout.abstract.to_dict())
     if latest is not None:
         logging.info("resuming from the checkpoint at step %d in %s%s", latest, ckpt.directory,
                      f" (init_from={config.init_from!r} applies to fresh runs only)"
@@ -659,6 +741,12 @@ def _train_and_evaluate(config, workdir: str, guard, allow_config_change: tuple[
         if config.init_from:
             state = restore_init_from(config, config.init_from, layout, state)
     step = int(jax.device_get(state.step))
+    # The data position is a function of the step (pipeline._ProcessBlocks): a run resumes with
+    # the batch an uninterrupted one would see next, on any number of processes.
+    data_iter = pipeline.create_train_iterator(
+        config.data, global_batch_size=config.global_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed,
+        start_step=step)
     if is_main:
         write_run_config(workdir, config)
     if guard.requested():
@@ -748,7 +836,7 @@ def _train_and_evaluate(config, workdir: str, guard, allow_config_change: tuple[
             if done or preempted or ckpt.should_save(step):
                 check_finite()   # never save a state that has already diverged
                 with report.timed("checkpoint"):
-                    if ckpt.save(step, state.to_dict(), data_iter, force=done or preempted):
+                    if ckpt.save(step, state.to_dict(), force=done or preempted):
                         logging.info("saving checkpoint at step %d", step)
             if preempted:
                 logging.warning("preempted: saved step %d, stopping", step)

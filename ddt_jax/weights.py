@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any
 
 import flax
@@ -29,11 +28,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddt_jax import checkpoint as checkpoint_lib
 from ddt_jax import convert
+from ddt_jax import files
 from ddt_jax import sharding
 from ddt_jax.models import ddt
 
@@ -99,7 +100,7 @@ HOW_TO_CONVERT = ("`python -m ddt_jax.convert ddt --input MODEL.ckpt --num-encod
 
 def save_converted(model: nnx.Module, output_dir: str | os.PathLike,
                    config: ml_collections.ConfigDict, repa_projector: nnx.Module | None = None
-                   ) -> pathlib.Path:
+                   ) -> epath.Path:
     """Writes a model (and optionally its REPA projector) as a converted directory.
 
     Args:
@@ -116,7 +117,7 @@ def save_converted(model: nnx.Module, output_dir: str | os.PathLike,
         raise ValueError(f"config.scan_blocks={config.get('scan_blocks', False)} but the model's "
                          "blocks are " + ("scanned" if ddt.is_scanned(params) else "unrolled")
                          + ": save it with the config it was built from")
-    out = pathlib.Path(output_dir).absolute()   # orbax needs absolute paths
+    out = files.as_path(output_dir)   # orbax needs absolute paths
     out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         # Pure dicts (nested dicts of arrays), the same trees a run's TrainState holds.
@@ -129,18 +130,18 @@ def save_converted(model: nnx.Module, output_dir: str | os.PathLike,
 
 
 def is_converted_dir(path: str | os.PathLike) -> bool:
-    return (pathlib.Path(path) / CONVERTED_CONFIG).is_file()
+    return (files.as_path(path) / CONVERTED_CONFIG).is_file()
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
     """A run's workdir, its checkpoints/ directory or one checkpoints/<step> directory."""
-    path = pathlib.Path(path)
+    path = files.as_path(path)
     return path.is_dir() and not is_converted_dir(path) and (
         (path / RUN_CONFIG).is_file() or (path / checkpoint_lib.CHECKPOINT_DIR).is_dir()
         or (path / checkpoint_lib.STATE_ITEM).is_dir() or bool(_orbax_steps(path)))
 
 
-def _orbax_steps(path: pathlib.Path) -> list[int]:
+def _orbax_steps(path: epath.Path) -> list[int]:
     try:
         return sorted(ocp.utils.checkpoint_steps(path)) if path.is_dir() else []
     except (OSError, ValueError):
@@ -149,7 +150,7 @@ def _orbax_steps(path: pathlib.Path) -> list[int]:
 
 def run_steps(workdir: str | os.PathLike) -> list[int]:
     """The steps with a complete checkpoint in a run's workdir, oldest first."""
-    return _orbax_steps(pathlib.Path(checkpoint_lib.checkpoint_dir(workdir)))
+    return _orbax_steps(epath.Path(checkpoint_lib.checkpoint_dir(workdir)))
 
 
 def read_model_config(path: str | os.PathLike, *, num_encoder_blocks: int | None = None
@@ -164,7 +165,7 @@ def read_model_config(path: str | os.PathLike, *, num_encoder_blocks: int | None
     Returns:
       A model config (`models.ddt.default_model_config()` form).
     """
-    path = pathlib.Path(path).absolute()
+    path = files.as_path(path)
     if is_converted_dir(path):
         return ml_collections.ConfigDict(json.loads((path / CONVERTED_CONFIG).read_text()))
     if path.is_dir():
@@ -256,7 +257,7 @@ def _layout_of_config(model_config) -> tuple[bool, int]:
     return kw["scan_blocks"], kw.get("num_encoder_blocks", kw["num_blocks"])
 
 
-def _saved_layout(path: pathlib.Path) -> tuple[bool, int] | None:
+def _saved_layout(path: epath.Path) -> tuple[bool, int] | None:
     """(scanned, encoder depth) of the params saved at a converted dir or a run (workdir,
     checkpoints/ or checkpoints/<step>), from the config saved beside them; None if none is."""
     if is_converted_dir(path):
@@ -273,7 +274,7 @@ def _saved_layout(path: pathlib.Path) -> tuple[bool, int] | None:
     return None
 
 
-def _restore_in_saved_layout(path: pathlib.Path, abstract, restore_fn):
+def _restore_in_saved_layout(path: epath.Path, abstract, restore_fn):
     """`restore_fn(target)` with the target in the layout saved at `path`, converted back to
     `abstract`'s layout."""
     saved = _saved_layout(path)
@@ -311,7 +312,7 @@ def place(tree, abstract, *, what: str = "weights"):
     return sharding.host_to_sharded(host, jax.tree.map(lambda ref: ref.sharding, abstract))
 
 
-def _restore_converted(directory: pathlib.Path, item: str, abstract):
+def _restore_converted(directory: epath.Path, item: str, abstract):
     """A converted item restored straight into `abstract`'s shardings (orbax reads each shard)."""
     with ocp.StandardCheckpointer() as ckptr:
         try:
@@ -338,7 +339,7 @@ def load_model_params(path: str | os.PathLike, abstract: dict[str, Any], *, whic
     Returns:
       A pure dict of global jax.Arrays with `abstract`'s structure, shapes and shardings.
     """
-    path = pathlib.Path(path).absolute()
+    path = files.as_path(path)
     if which not in ("ema", "raw"):
         raise ValueError(f"weights must be 'raw' or 'ema', got {which!r}")
     if is_converted_dir(path):
@@ -354,7 +355,7 @@ def load_model_params(path: str | os.PathLike, abstract: dict[str, Any], *, whic
                             f"({HOW_TO_CONVERT}) nor a checkpoint file")
 
 
-def _file_model_params(state_dict, path: pathlib.Path, abstract, which: str,
+def _file_model_params(state_dict, path: epath.Path, abstract, which: str,
                        num_encoder_blocks: int | None):
     """The raw or EMA model of an official file's (already read) state dict, placed."""
     weights, _ = convert.split_ddt_checkpoint(state_dict, use_ema=which == "ema")
@@ -366,7 +367,7 @@ def _file_model_params(state_dict, path: pathlib.Path, abstract, which: str,
     return place(host, abstract, what=f"the weights in {path}")
 
 
-def _file_projector_params(state_dict, path: pathlib.Path, abstract):
+def _file_projector_params(state_dict, path: epath.Path, abstract):
     module = convert.repa_projector_from_state_dict(state_dict)
     if module is None:
         return None
@@ -381,7 +382,7 @@ def _has_lightning_copies(state_dict) -> bool:
 
 def has_both_copies(path: str | os.PathLike) -> bool:
     """Whether `path` holds raw and EMA weights apart (a run, or a Lightning checkpoint)."""
-    path = pathlib.Path(path).absolute()
+    path = files.as_path(path)
     if is_converted_dir(path):
         return False
     if is_run_dir(path):
@@ -401,7 +402,7 @@ def load_projector_params(path: str | os.PathLike, abstract: dict[str, Any],
     Returns:
       The projector params, or None when the source has no projector (or one of another width).
     """
-    path = pathlib.Path(path).absolute()
+    path = files.as_path(path)
     if is_converted_dir(path):
         if not (path / CONVERTED_PROJECTOR).is_dir():
             return None
@@ -441,7 +442,7 @@ def load_init_weights(path: str | os.PathLike, abstract_model: dict[str, Any],
     Returns:
       An InitWeights placed in the given shardings.
     """
-    path = pathlib.Path(path).absolute()
+    path = files.as_path(path)
     if path.is_file():   # one read of a file that is 2.7 GB for XL/2
         state_dict = convert.read_state_dict(path)
         both = _has_lightning_copies(state_dict)
@@ -474,7 +475,7 @@ def load_converted(directory: str | os.PathLike, *, dtype: str | None = None, sh
     Returns:
       The nnx model with its params loaded.
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = files.as_path(directory)
     if not is_converted_dir(directory):
         raise FileNotFoundError(f"{directory} is not a converted model (no {CONVERTED_CONFIG}). "
                                 f"Create one with {HOW_TO_CONVERT}")

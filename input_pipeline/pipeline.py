@@ -175,8 +175,39 @@ class _DropFields:
         return example
 
 
+class _ProcessBlocks(grain.MapDataset):
+    """Process `p`'s view of the global example stream: at local position k the global example
+    (k // b) * B + p * b + k % b, for b = B / process_count examples of each global batch of B.
+
+    Each process reads its contiguous block of every global batch, so global batch s is
+    stream[s*B : (s+1)*B] in order whatever the number of processes: a run resumed on another
+    process count sees the same batches, rows in the same places. (Slicing the permutation
+    per process, ds[p::P], would tie the order to P.)
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch_size: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        self._global = global_batch_size
+        self._local = global_batch_size // process_count
+        self._offset = process_index * self._local
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local)
+        return self._parent[batch * self._global + self._offset + row]
+
+    def __str__(self) -> str:
+        return f"ProcessBlocks(global={self._global}, local={self._local}, offset={self._offset})"
+
+
 def create_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
-                         process_index: int, process_count: int, seed: int) -> grain.IterDataset:
+                         process_index: int, process_count: int, seed: int,
+                         start_step: int = 0) -> grain.IterDataset:
     """The grain dataset behind `create_train_iterator` (for benchmarks and inspection)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside "
@@ -185,23 +216,23 @@ def create_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch
         raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of "
                          f"process_count {process_count}: every process must load the same "
                          "number of examples")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
     shuffle_seed = seed if data_config.shuffle_seed is None else data_config.shuffle_seed
     if not 0 <= shuffle_seed < 2**32:
         raise ValueError(f"shuffle seed {shuffle_seed} must lie in [0, 2**32)")
     source = make_source(data_config)
-    if len(source) < process_count:
-        raise ValueError(f"{len(source)} records cannot be split over {process_count} processes")
 
     ds = grain.MapDataset.source(source)
-    # Shuffling before slicing gives every process a fresh random subset each epoch; grain reseeds
-    # the permutation per epoch (seed + epoch), and the slices of one permutation are disjoint and
-    # complete.
-    ds = ds.shuffle(seed=shuffle_seed)
-    ds = ds[process_index::process_count]
-    ds = ds.repeat()   # forever: the trainer counts steps, not epochs
+    # One global stream: a fresh permutation of every record each epoch (grain reseeds the
+    # shuffle per epoch, seed + epoch), endless (the trainer counts steps, not epochs); batches
+    # span epoch boundaries, so no example is ever dropped.
+    ds = ds.shuffle(seed=shuffle_seed).repeat()
+    ds = _ProcessBlocks(ds, global_batch_size, process_index, process_count)
     ds = ds.map(_DropFields(_unused_fields(data_config)))
-    # Batches span epoch boundaries (repeat comes first), so no example is ever dropped.
     ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    # The position is a function of the step: a resumed run starts at its step's batch.
+    ds = ds[start_step:]
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                                    prefetch_buffer_size=data_config.prefetch))
     if data_config.worker_count > 0:
@@ -212,7 +243,7 @@ def create_train_dataset(data_config: ml_collections.ConfigDict, *, global_batch
 
 def create_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
                           process_index: int, process_count: int,
-                          seed: int) -> grain.DatasetIterator:
+                          seed: int, start_step: int = 0) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's batches.
 
     Args:
@@ -221,6 +252,9 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, global_batc
       process_index: this process, in [0, process_count).
       process_count: the number of processes loading data (jax.process_count()).
       seed: the shuffle seed unless `data.shuffle_seed` is set (the run seed).
+      start_step: the first batch to yield: the step a run resumes from. Batch s of every
+        process is a function of (data, seed, s, global_batch_size) only, so a run resumes on
+        any number of processes (see `_ProcessBlocks`).
 
     Returns:
       A grain iterator of dicts of numpy arrays with leading dim
@@ -233,4 +267,4 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, global_batc
     """
     return iter(create_train_dataset(data_config, global_batch_size=global_batch_size,
                                      process_index=process_index, process_count=process_count,
-                                     seed=seed))
+                                     seed=seed, start_step=start_step))

@@ -69,6 +69,9 @@ def test_errors_name_the_field_and_the_fix():
         config_schema.validate_config(config_with(**{"checkpoint.keep": 0}))
     with pytest.raises(ValueError, match=r"data.flips .* needs data.source='array_record'"):
         config_schema.validate_config(config_with(**{"data.flips": True}))   # synthetic source
+    for lr in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match=r"optim.lr must be positive and finite, got"):
+            config_schema.validate_config(config_with(**{"optim.lr": lr}))
     c = tiny.get_config()
     with c.logging.sample.unlocked():
         c.logging.sample.steps = 10

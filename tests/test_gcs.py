@@ -10,16 +10,22 @@ reader (records.RecordSource, check_dataset) through CLOUD_STORAGE_EMULATOR_ENDP
 import os
 import subprocess
 import sys
+import time
 import uuid
 
+import jax
 import numpy as np
 import pytest
 from etils import epath
 
 from configs import tiny
+from ddt_jax import checkpoint as checkpoint_lib
+from ddt_jax import sharding
+from ddt_jax import trainer
 from input_pipeline import pipeline
 from input_pipeline import prepare_imagenet
 from input_pipeline import records
+from input_pipeline import synthetic
 
 import test_prepare_imagenet as tpi   # its fixtures' helpers (tests/ is on sys.path)
 
@@ -201,3 +207,92 @@ def test_write_shards_to_gcs_stages_locally_and_reads_back(gcs_dir):
     got = sorted((int(source[i]["label"]), source[i]["pixels"].tobytes()) for i in range(7))
     want = sorted((int(e["label"]), e["pixels"].tobytes()) for e in examples)
     assert got == want
+
+
+# ------------------------------------------------------------------------------------------------
+# Training with its workdir and data on GCS, killed at random points.
+
+def _tiny_records(config, out) -> None:
+    """configs/tiny.py's synthetic latents (+ images) as one ArrayRecord shard at `out`, so the
+    order of records is the synthetic source's."""
+    d = config.data
+    source = synthetic.SyntheticSource(kind=d.kind, image_size=d.image_size, channels=d.channels,
+                                       num_classes=d.num_classes, num_records=d.num_records,
+                                       with_image=d.with_image, seed=d.synthetic_seed)
+    records.write_shards((source[i] for i in range(len(source))), out, 1,
+                         {"kind": d.kind, "num_classes": d.num_classes,
+                          "image_size": d.image_size, "source": "tiny synthetic"})
+
+
+def _tiny_on(data_path, **overrides):
+    config = tiny.get_config("latent")
+    config.update_from_flattened_dict({"data.source": "array_record", "data.path": str(data_path),
+                                       "num_train_steps": 36, "checkpoint.every_steps": 4,
+                                       **overrides})
+    return config
+
+
+def _final_state(workdir, config):
+    mesh = sharding.create_mesh(config.mesh)
+    layout = trainer.state_layout(config, mesh, trainer.make_optimizer(config.optim)[0])
+    ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint, read_only=True)
+    step = ckpt.latest_step()
+    state = jax.device_get(ckpt.restore(step, layout.abstract.to_dict()))
+    ckpt.close()
+    return step, state
+
+
+def test_training_on_gcs_killed_at_random_points_ends_like_an_uninterrupted_run(
+        gcs_dir, gcs_bucket, tmp_path):
+    """train.py with --workdir and data.path on the emulator, SIGKILLed at random moments
+    (start-up, steps, async saves) and restarted, ends bit-identical to an uninterrupted local
+    run on the same records: checkpoints (tensorstore), config.json, TensorBoard events and the
+    compilation cache all go through gs://."""
+    local_data, gcs_data = tmp_path / "data", gcs_dir / "data"
+    config = _tiny_on(local_data)
+    _tiny_records(config, local_data)
+    _tiny_records(config, gcs_data)
+    reference = jax.device_get(trainer.train_and_evaluate(config, str(tmp_path / "run")))
+
+    workdir = f"{gcs_dir}/run"
+    command = [sys.executable, "train.py",
+               "--config=configs/tiny.py", f"--workdir={workdir}",
+               "--config.data.source=array_record", f"--config.data.path={gcs_data}",
+               "--config.num_train_steps=36", "--config.checkpoint.every_steps=4",
+               "--config.logging.log_every=1"]
+    env = dict(os.environ, **gcs_bucket.env, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8",
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(tpi.REPO), PYTHONUNBUFFERED="1")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)   # the run's own cache, under the gs:// workdir
+    rng = np.random.default_rng(0)
+    kills = []
+    for _ in range(3):
+        # SIGKILL after a random number of logged steps (2-10) plus up to 0.5 s: mid-step, or
+        # while an async save (every 4 steps) is in flight.
+        after, delay = int(rng.integers(2, 11)), float(rng.uniform(0, 0.5))
+        proc = subprocess.Popen(command, cwd=tpi.REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        logged = 0
+        for line in proc.stdout:
+            logged += "loss=" in line
+            if logged == after:
+                time.sleep(delay)
+                break
+        proc.kill()
+        proc.communicate()
+        steps = checkpoint_lib.Checkpointer(workdir, config.checkpoint, read_only=True)
+        kills.append((after, round(delay, 2), steps.all_steps()))
+        steps.close()
+    proc = subprocess.run(command, cwd=tpi.REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (kills, proc.stderr[-3000:])
+    step, state = _final_state(workdir, config)
+    assert step == 36, kills
+    for key in ("params", "opt_state", "ema_params"):
+        for a, b in zip(jax.tree.leaves(state[key]), jax.tree.leaves(getattr(reference, key))):
+            np.testing.assert_array_equal(a, b, err_msg=f"{key} after kills {kills}")
+    run = epath.Path(workdir)
+    assert (run / "config.json").exists()
+    assert list(run.glob("events.out.tfevents.*"))
+    assert list((run / trainer.COMPILATION_CACHE_DIR).iterdir())
+    # The final run resumed from a checkpoint the killed runs left (not from scratch).
+    assert kills[-1][2], kills

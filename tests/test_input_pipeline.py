@@ -231,6 +231,30 @@ def test_process_slices_disjoint_and_complete(id_dataset):
                                   batch["label"].astype(np.float32) / 48)
 
 
+def test_global_batches_do_not_depend_on_the_process_count(id_dataset):
+    """Global batch s is the same rows in the same order for 1, 2 or 4 processes (each process
+    reads its contiguous block), across epoch boundaries (48 records, 12 per batch), and
+    start_step=s starts at batch s: what resuming on another number of hosts relies on."""
+    config = _id_config(id_dataset)
+
+    def global_batches(process_count, start_step=0, steps=9):
+        per_process = [_take(pipeline.create_train_iterator(
+            config, global_batch_size=12, process_index=p, process_count=process_count, seed=5,
+            start_step=start_step), steps) for p in range(process_count)]
+        return [{k: np.concatenate([batches[s][k] for batches in per_process])
+                 for k in per_process[0][s]} for s in range(steps)]
+
+    one = global_batches(1)
+    assert sorted(_labels(one[:4])) == list(range(48))   # an epoch is 4 batches: a permutation
+    for process_count in (2, 4):
+        _assert_same_batches(global_batches(process_count), one)
+    _assert_same_batches(global_batches(2, start_step=5, steps=4), one[5:])
+    _assert_same_batches(global_batches(1, start_step=7, steps=2), one[7:])
+    with pytest.raises(ValueError, match="start_step must be >= 0"):
+        pipeline.create_train_iterator(config, global_batch_size=12, process_index=0,
+                                       process_count=1, seed=5, start_step=-1)
+
+
 def test_seeds_decide_the_order(id_dataset):
     def order(**kw):
         seed = kw.pop("seed")

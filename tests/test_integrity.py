@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest tests/test_integrity.py -q
 
 One tiny run (configs/tiny.py: 10 steps, checkpoints at 5 and 10) is damaged in copies: a flipped
-bit, a truncated array file, a deleted item, a changed data position must each fall back to step 5
+bit, a truncated array file, a deleted item or checksums must each fall back to step 5
 (the resumed run ends bit-identical to the undamaged one) or, when no step verifies, stop naming
 every bad step while the workdir stays byte-identical. Non-finite states are never saved or sampled;
 a refused resume leaves config.json alone; the CLI's errors are one line; SIGTERM during start-up
@@ -35,7 +35,6 @@ from ddt_jax import weights
 from ddt_jax.evaluation import grids
 from ddt_jax.evaluation import mnist_eval
 from ddt_jax.models import ddt
-from input_pipeline import pipeline
 
 from test_trainer import REPO, assert_trees_equal, subprocess_env, tiny_config
 
@@ -89,22 +88,8 @@ def delete_state(step_dir: pathlib.Path) -> None:
     shutil.rmtree(step_dir / "state")
 
 
-def delete_data(step_dir: pathlib.Path) -> None:
-    (step_dir / "data" / "process_0-of-1.json").unlink()
-
-
-def move_data(step_dir: pathlib.Path) -> None:
-    (step_dir / "data" / "process_0-of-1.json").write_text('{"next_index": 11}')
-
-
 def delete_checksums(step_dir: pathlib.Path) -> None:
     shutil.rmtree(step_dir / "checksums")
-
-
-def data_iterator():
-    config = tiny_config()
-    return pipeline.create_train_iterator(config.data, global_batch_size=16, process_index=0,
-                                          process_count=1, seed=config.seed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,8 +112,6 @@ def test_bit_flip_falls_back_and_the_run_ends_bit_identical(run, tmp_path):
 @pytest.mark.parametrize("damage, reason", [
     (truncate, r"cannot be read \(ValueError: OUT_OF_RANGE: Error reading"),
     (delete_state, r"cannot be read \(KeyError: .*Item \"state\" was not found"),
-    (delete_data, r"cannot be read \(ValueError: File .*process_0-of-1.json does not exist"),
-    (move_data, r"fails verification: the data-iterator position differs"),
     (delete_checksums, r"has no checksums item although step 5 has one"),
 ], ids=lambda v: getattr(v, "__name__", ""))
 def test_damaged_latest_step_falls_back_to_the_previous_one(run, abstract, tmp_path, damage,
@@ -136,10 +119,9 @@ def test_damaged_latest_step_falls_back_to_the_previous_one(run, abstract, tmp_p
     workdir = copy_run(run, tmp_path)
     damage(workdir / "checkpoints" / "10")
     ckpt = checkpoint_lib.Checkpointer(workdir, tiny_config().checkpoint)
-    it = data_iterator()
-    step, state = ckpt.restore_latest(abstract.to_dict(), it)
+    step, state = ckpt.restore_latest(abstract.to_dict())
     ckpt.close()
-    assert step == 5 and it.get_state() == {"next_index": 5}
+    assert step == 5
     rejected = (workdir / "rejected_checkpoints" / "10" / "REJECTED.txt").read_text()
     assert rejected.startswith(f"{workdir}/checkpoints/10 ")
     assert re.search(reason, rejected), rejected
@@ -204,7 +186,8 @@ def test_reading_a_flipped_bit_fails_verification(tmp_path):
 # Non-finite states: never saved, never sampled
 
 def test_lr_inf_saving_every_step_saves_nothing(tmp_path):
-    config = tiny_config("pixel", **{"num_train_steps": 3, "optim.lr": float("inf"),
+    # 1e39 is finite for the config check (which refuses lr=inf) but inf in float32.
+    config = tiny_config("pixel", **{"num_train_steps": 3, "optim.lr": 1e39,
                                       "checkpoint.every_steps": 1, "logging.log_every": 1,
                                       "model.hidden_size": 64, "model.num_blocks": 2,
                                       "model.num_encoder_blocks": 1})
@@ -350,7 +333,7 @@ def test_cli_errors_are_one_line(tmp_path):
     cases = {
         "unknown key": (train + [f"--workdir={tmp_path}/w", "--config.foo=1"],
                         "error: --config.foo: the config has no field 'foo' (top-level fields: "
-                        "checkpoint, data,"),
+                        "checkpoint, compilation_cache_dir, data,"),
         "close key": (train + [f"--workdir={tmp_path}/w", "--config.optim.lrr=1"],
                       "error: --config.optim.lrr: the config has no field 'optim.lrr' (closest: "
                       "optim.lr"),

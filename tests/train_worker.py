@@ -2,14 +2,14 @@
 
 With DDT_TEST_KILL_DURING_SAVE=N the process kills itself (SIGKILL: no cleanup, no finally) while
 the step-N checkpoint is being written: after orbax created its temporary directory and started the
-train-state write, inside the data-iterator item's save. Everything else is exactly train.py.
+train-state write, as the checksums item is written. Everything else is exactly train.py.
 """
 import os
 import re
 import signal
 import sys
 
-import grain
+import orbax.checkpoint as ocp
 from absl import app
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,13 +19,14 @@ import train  # noqa: E402
 if __name__ == "__main__":
     kill_step = os.environ.get("DDT_TEST_KILL_DURING_SAVE")
     if kill_step:
-        original_save = grain.checkpoint.CheckpointHandler.save
+        handler = ocp.JsonCheckpointHandler   # the checksums item's
+        original_write = handler._save_fn      # runs once the step's directories exist
 
-        def save_then_die(self, directory, *args, **kwargs):
+        async def write_then_die(self, item, directory):
             if re.search(rf"/{int(kill_step)}\.orbax-checkpoint-tmp", str(directory)):
                 print(f"KILLING during the step-{kill_step} save", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original_save(self, directory, *args, **kwargs)
+            return await original_write(self, item, directory)
 
-        grain.checkpoint.CheckpointHandler.save = save_then_die
+        handler._save_fn = write_then_die
     app.run(train.main)

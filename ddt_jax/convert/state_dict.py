@@ -5,12 +5,14 @@ the family converters never touch a file format and torch stays an optional depe
 """
 from __future__ import annotations
 
+import io
 import os
-import pathlib
 from typing import Mapping
 
 import numpy as np
 from safetensors import numpy as safetensors_numpy
+
+from ddt_jax import files
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -23,18 +25,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     bfloat16 tensors become float32.
 
     Args:
-      path: a `.safetensors` file or a torch pickle (one of PICKLE_SUFFIXES).
+      path: a `.safetensors` file or a torch pickle (one of PICKLE_SUFFIXES), local or gs://
+        (a remote file is read into memory once).
 
     Returns:
       {key: numpy array} with the file's key names.
     """
-    path = pathlib.Path(path)
+    path = files.as_path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"weight file {path} does not exist. Convert weights from a file you have locally; "
             "nothing is downloaded at run time.")
     if path.suffix == ".safetensors":
-        return dict(safetensors_numpy.load_file(str(path)))
+        if files.is_local(path):
+            return dict(safetensors_numpy.load_file(str(path)))
+        return dict(safetensors_numpy.load(path.read_bytes()))
     if path.suffix not in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: unknown weight format {path.suffix!r}; expected .safetensors "
                          f"or one of {PICKLE_SUFFIXES} (torch pickles)")
@@ -44,7 +49,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ImportError(
             f"reading {path} needs PyTorch (it is a torch pickle): `pip install torch` (the CPU "
             "build is enough), or convert it to .safetensors elsewhere") from e
-    obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    source = str(path) if files.is_local(path) else io.BytesIO(path.read_bytes())
+    obj = torch.load(source, map_location="cpu", weights_only=False)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from safetensors import numpy as safetensors_numpy
 
+from ddt_jax import files
 from ddt_jax.convert import fill
 from ddt_jax.convert.state_dict import read_state_dict
 from ddt_jax.models import vae as vae_lib
@@ -67,7 +68,7 @@ def load_vae(path: str | os.PathLike, *, dtype=jnp.float32, config=None) -> vae_
     Returns:
       The AutoencoderKL with the file's weights.
     """
-    path = pathlib.Path(path)
+    path = files.as_path(path)   # local or gs://
     file_config = None
     if path.is_dir():
         path, file_config = _find_vae_files(path)

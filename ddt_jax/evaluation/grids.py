@@ -4,7 +4,6 @@ successive steps show the model's progress on the same samples (PNG in the workd
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from ddt_jax import convert
+from ddt_jax import files
 from ddt_jax import rng
 from ddt_jax import sampler as sampler_lib
 from ddt_jax import sharding
@@ -124,8 +124,8 @@ def make_grid_sampler(config: ml_collections.ConfigDict, model_graphdef, mesh
 
 def write_grid(workdir: str, step: int, grid: np.ndarray) -> str:
     """Saves a grid as <workdir>/samples/step_<step>.png (process 0 only); returns the path."""
-    path = os.path.join(workdir, SAMPLES_DIR, f"step_{step:08d}.png")
+    path = files.as_path(workdir) / SAMPLES_DIR / f"step_{step:08d}.png"
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(grid).save(path)
-    return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    return str(path)
