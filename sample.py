@@ -1,9 +1,10 @@
 """Dumps samples for FID: `python sample.py --workdir=/ckpt/ddt_xl_256 --output=/samples/xl_256`.
 
 The weights come from a training run (--workdir: its EMA or raw params at any step) or a converted
-model directory (--checkpoint); `--config` is the sampler config (sampler.default_sampler_config:
-the official DDT-XL/2 256px settings). Restarting the same command resumes the dump. The README's
-"Sampling" section lists every option.
+model directory (--checkpoint); `--config.FIELD` flags set the sampler over a base: the run's
+`logging.sample` for a --workdir, sampler.default_sampler_config (the official DDT-XL/2 256px
+settings) for a --checkpoint. Restarting the same command resumes the dump. The README's
+"Sampling for FID" section lists every option.
 """
 import dataclasses
 import difflib
@@ -37,10 +38,11 @@ def check_config_overrides(argv: list[str], config) -> None:
 _D = sample_dump.DumpArgs()
 check_config_overrides(sys.argv, sampler_lib.default_sampler_config())
 config_flags.DEFINE_config_dict("config", sampler_lib.default_sampler_config(),
-                                "Sampler settings, e.g. --config.num_steps=50 "
+                                "Sampler settings over the run's logging.sample (--workdir) or "
+                                "these defaults (--checkpoint), e.g. --config.num_steps=50 "
                                 "--config.guidance=3.0.")
-flags.DEFINE_string("output", _D.output, "Directory for samples.npz, samples.png and the "
-                    "resumable parts.")
+flags.DEFINE_string("output", _D.output, "Directory (local or gs://) for samples.npz, "
+                    "samples.png and the resumable parts; process 0 alone writes it.")
 flags.DEFINE_string("workdir", _D.workdir, "A training run: its config.json and checkpoints/.")
 flags.DEFINE_string("checkpoint", _D.checkpoint, "A converted model directory "
                     "(python -m ddt_jax.convert ddt).")
@@ -94,7 +96,10 @@ def main(argv):
     args = sample_dump.DumpArgs(**{f.name: FLAGS[f.name].value
                                    for f in dataclasses.fields(sample_dump.DumpArgs)})
     try:
-        sample_dump.run(args, FLAGS.config)
+        # Only the fields given on the command line: a --workdir's logging.sample is the base.
+        overrides = config_flags.get_override_values(FLAGS["config"])
+        config, _ = sample_dump.sampler_config_for(args, overrides)
+        sample_dump.run(args, config)
     except USER_ERRORS as e:
         logging.debug("the error's traceback", exc_info=True)   # shown with --verbosity=1
         raise SystemExit(f"error: {e}") from e

@@ -2,8 +2,9 @@
 
 A 50K dump is hours of accelerator time, so it is built to survive anything: batch i depends only
 on (seed, i), every finished batch is a part file written atomically, and a restart recomputes only
-the missing parts and assembles the identical file. Each process samples its share of every batch
-and writes its own parts; process 0 streams them into samples.npz (a 50K x 512px dump is 39 GB:
+the missing parts and assembles the identical file. Every process samples its share of a batch; the
+rows are gathered to process 0, which alone reads and writes the output (local or gs://: the hosts
+of a TPU pod share no disk) and streams the parts into samples.npz (a 50K x 512px dump is 39 GB:
 never held in memory). `manifest.json` records every setting that changes the samples, and a
 restart with other settings is refused. The README's "Sampling for FID" section has the usage.
 """
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
-import os
-import pathlib
+import re
 import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from absl import logging
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
@@ -51,7 +55,7 @@ GRID_MAX_CLASS_ROWS = 32        # up to this many classes, the grid shows one ro
 @dataclasses.dataclass
 class DumpArgs:
     """Everything sample.py takes besides the sampler config (the flags, one to one)."""
-    output: str = ""
+    output: str = ""                # a local directory or gs://bucket/dir (process 0 writes it)
     workdir: str = ""               # a training run: its config.json + checkpoints/
     checkpoint: str = ""            # or a converted model dir (python -m ddt_jax.convert ddt ...)
     vae: str | None = None          # SD-VAE (diffusers folder or one file); "none": pixel space
@@ -129,13 +133,13 @@ def resolve_sampler_config(config, schedule: str = "") -> dict:
     if schedule:
         if c["recompute_steps"] is not None:
             raise ValueError("both --schedule and --config.recompute_steps are set: pass one")
-        if not os.path.exists(schedule):
+        if not files.as_path(schedule).exists():
             raise FileNotFoundError(f"--schedule={schedule} does not exist; write one with "
                                     f"--calibrate --num_recompute=K --schedule={schedule}")
         steps = sampler_lib.load_schedule(schedule)
         # --calibrate also records the step count it solved for (other writers may not).
-        solved_for = json.loads(pathlib.Path(schedule).read_text()).get("num_steps",
-                                                                         c["num_steps"])
+        solved_for = json.loads(files.as_path(schedule).read_text()).get("num_steps",
+                                                                          c["num_steps"])
         if solved_for != c["num_steps"]:
             raise ValueError(f"--schedule={schedule} was solved for num_steps={solved_for} but "
                              f"num_steps is {c['num_steps']}; calibrate again with this num_steps")
@@ -144,6 +148,51 @@ def resolve_sampler_config(config, schedule: str = "") -> dict:
                              f"is {c['num_steps']}: it was solved for more steps; calibrate again")
         c = sampler_lib.read_config({**c, "recompute_steps": steps})
     return c
+
+
+def _read_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
+    config_path = workdir / weights.RUN_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"--workdir={workdir} has no config.json: is it a training run "
+                                "directory (python train.py --workdir=...)? For converted "
+                                "weights use --checkpoint")
+    return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+
+
+def sampler_config_for(args: DumpArgs, overrides: Mapping[str, Any]
+                       ) -> tuple[dict[str, Any], dict[str, str]]:
+    """sample.py's sampler settings: the --config flags given over the run's `logging.sample`.
+
+    A run's `logging.sample` is the sampler its grids and FID-during-training used (the 512px
+    recipe's guidance 3.0, where the defaults are the 256px settings), so a dump of the run starts
+    from it; a converted --checkpoint starts from `sampler.default_sampler_config()`.
+
+    Args:
+      args: the dump's flags; `workdir` (its config.json) or `checkpoint` picks the base.
+      overrides: the sampler fields given explicitly on the command line, e.g.
+        config_flags.get_override_values(FLAGS["config"]): they win even where they equal the
+        default.
+
+    Returns:
+      (the settings for `run`, where each field came from: "--config", "the run's
+      logging.sample" or "default"). Both are logged.
+    """
+    config = sampler_lib.default_sampler_config().to_dict()
+    origins = dict.fromkeys(config, "default")
+    if args.workdir:
+        run_sample = _read_run_config(files.as_path(args.workdir)).get("logging", {}).get(
+            "sample", {})
+        run_sample = (run_sample.to_dict() if isinstance(run_sample, ml_collections.ConfigDict)
+                      else dict(run_sample))
+        config.update(run_sample)   # unknown fields are refused by read_config, naming them
+        origins.update(dict.fromkeys(run_sample, "the run's logging.sample"))
+    config.update(overrides)
+    origins.update(dict.fromkeys(overrides, "--config"))
+    for origin in ("--config", "the run's logging.sample", "default"):
+        fields = [f"{k}={config[k]!r}" for k in sorted(config) if origins[k] == origin]
+        if fields:
+            logging.info("sampler settings from %s: %s", origin, ", ".join(fields))
+    return config, origins
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +243,7 @@ def load_source(args: DumpArgs, mesh, *, decode: bool = True) -> Source:
       shape (H, W, C) to sample, and the description the manifest records.
     """
     if args.checkpoint:
-        path = pathlib.Path(args.checkpoint).absolute()
+        path = files.as_path(args.checkpoint)
         if not weights.is_converted_dir(path):
             raise FileNotFoundError(
                 f"--checkpoint={path} is not a converted model (no {weights.CONVERTED_CONFIG}). "
@@ -203,17 +252,12 @@ def load_source(args: DumpArgs, mesh, *, decode: bool = True) -> Source:
         if args.dtype:
             model_config.dtype = args.dtype
         model = _restore_model(path, model_config, mesh, which="ema", step=None)
-        vae_path = None if args.vae in (None, "", "none") else os.path.abspath(args.vae)
+        vae_path = None if args.vae in (None, "", "none") else files.as_str(args.vae)
         vae = None if vae_path is None or not decode else _load_vae(vae_path, mesh, None)
         description = dict(kind="converted", path=str(path))
     else:
-        workdir = pathlib.Path(args.workdir).absolute()
-        config_path = workdir / weights.RUN_CONFIG
-        if not config_path.exists():
-            raise FileNotFoundError(f"--workdir={workdir} has no config.json: is it a training run "
-                                    "directory (python train.py --workdir=...)? For converted "
-                                    "weights use --checkpoint")
-        run_config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+        workdir = files.as_path(args.workdir)
+        run_config = _read_run_config(workdir)
         model_config = run_config.model
         if args.dtype:
             model_config.dtype = args.dtype
@@ -238,7 +282,7 @@ def load_source(args: DumpArgs, mesh, *, decode: bool = True) -> Source:
             if not vae_path or vae_path == "none":
                 raise ValueError(f"{workdir} trained on latents but its config has no vae.path: "
                                  "pass --vae=PATH (the SD-VAE diffusers folder or weight file)")
-            vae_path = os.path.abspath(vae_path)
+            vae_path = files.as_str(vae_path)
             vae = _load_vae(vae_path, mesh, run_config.vae.scaling_factor) if decode else None
         description = dict(kind="workdir", path=str(workdir), step=int(step),
                            weights="raw" if args.raw else "ema")
@@ -252,7 +296,7 @@ def load_source(args: DumpArgs, mesh, *, decode: bool = True) -> Source:
                   description=description)
 
 
-def _restore_model(path: pathlib.Path, model_config, mesh, *, which: str, step: int | None
+def _restore_model(path: epath.Path, model_config, mesh, *, which: str, step: int | None
                    ) -> nnx.Module:
     """The model's params from a run or a converted directory, restored replicated on the mesh."""
     graphdef, abstract = weights.abstract_params(
@@ -364,13 +408,126 @@ class BatchSampler:
 
 
 # ----------------------------------------------------------------------------------------------
-# Part files, manifest and the final npz
+# Process 0 owns the output
 # ----------------------------------------------------------------------------------------------
 
-def _part_path(output: pathlib.Path, batch: int, process: int, process_count: int) -> pathlib.Path:
-    # The process count is in the name: a restart on another number of hosts recomputes, never
-    # mixes.
-    return output / PARTS_DIR / f"{batch:07d}.p{process}of{process_count}.npz"
+# Errors process 0 relays keep their type on the other processes (sample.py prints these as one
+# line); any other becomes a RuntimeError there.
+_RELAYED_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, FileExistsError,
+                                           FloatingPointError, RuntimeError)}
+_BROADCAST_CHUNK = 1024   # payloads padded to a multiple: one compiled broadcast for most of them
+
+
+def _broadcast_bytes(data: bytes) -> bytes:
+    """Process 0's `data` on every process (the others pass b"")."""
+    padded = -(-max(len(data), 1) // _BROADCAST_CHUNK) * _BROADCAST_CHUNK
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(padded)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[:len(data)] = np.frombuffer(data, np.uint8)
+    return bytes(multihost_utils.broadcast_one_to_all(buffer)).rstrip(b"\0")
+
+
+def on_process_0(fn: Callable[[], Any]) -> Any:
+    """Runs fn() on process 0 alone, and gives every process its result or its error.
+
+    The other processes wait in the broadcast, so a refusal (another dump's manifest) or a failed
+    write ends every process with the same message instead of leaving them in the next collective.
+
+    Args:
+      fn: called on process 0; returns a JSON-serialisable value.
+
+    Returns:
+      fn()'s value (on the other processes, through JSON: tuples become lists).
+    """
+    if jax.process_count() == 1:
+        return fn()
+    error = None
+    payload = b""
+    if jax.process_index() == 0:
+        try:
+            payload = json.dumps({"result": fn()}).encode()
+        except Exception as e:  # noqa: BLE001 - relayed, then raised again just below
+            error = e
+            payload = json.dumps({"error": type(e).__name__, "message": str(e)}).encode()
+    message = json.loads(_broadcast_bytes(payload))
+    if error is not None:
+        raise error
+    if "error" in message:
+        raise _RELAYED_ERRORS.get(message["error"], RuntimeError)(
+            f"(on process 0) {message['message']}")
+    return message["result"]
+
+
+def _identity(x):
+    return x
+
+
+def gather_to_process_0(images: jax.Array) -> jax.Array:
+    """Starts moving a batch sharded over processes to process 0; returns without waiting.
+
+    A jit to a replicated sharding all-gathers the batch to every device: an SPMD program cannot
+    send to one host alone. A 512px batch of 256 is 200 MB of uint8 per device, milliseconds on
+    ICI against the minutes that sampling it takes; only process 0 then copies a replica to its
+    host (`rows_on_process_0`; process_allgather would copy it to every host's memory). Dispatched
+    right after the batch, before the next one, so its rows are ready while the next one samples.
+
+    Args:
+      images: uint8 (B, H, W, C) sharded over the batch axis.
+
+    Returns:
+      The batch, replicated (unchanged when one process holds every shard).
+    """
+    if images.is_fully_addressable:
+        return images
+    return jax.jit(_identity, out_shardings=images.sharding.update(spec=P()))(images)
+
+
+def rows_on_process_0(images: jax.Array) -> np.ndarray | None:
+    """The (B, H, W, C) numpy batch of `gather_to_process_0` on process 0; None elsewhere."""
+    if images.is_fully_addressable:
+        return np.asarray(images)
+    return np.asarray(images.addressable_data(0)) if jax.process_index() == 0 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Part files, manifest and the final npz (process 0)
+# ----------------------------------------------------------------------------------------------
+
+# A part is batch b's rows, named by their CRC-32: the one listing that tells which batches are
+# done also gives samples.npz its CRC before any row is read (a zip member's header precedes its
+# data, and an upload to GCS cannot seek back to patch it).
+_PART_NAME = re.compile(r"^(\d{7})\.([0-9a-f]{8})\.npz$")
+
+
+def _part_path(output: epath.Path, batch: int, crc: int) -> epath.Path:
+    return output / PARTS_DIR / f"{batch:07d}.{crc:08x}.npz"
+
+
+def list_parts(output: epath.Path) -> dict[int, tuple[epath.Path, int]]:
+    """{batch: (part file, CRC-32 of its rows)} of the finished parts in output/parts/.
+
+    Args:
+      output: the dump's directory (local or gs://).
+
+    Returns:
+      The parts by batch index; files of other names (temporaries, parts of the earlier
+      per-process layout) are not parts.
+    """
+    directory = output / PARTS_DIR
+    parts: dict[int, tuple[epath.Path, int]] = {}
+    if not directory.exists():
+        return parts
+    for path in directory.iterdir():
+        match = _PART_NAME.match(path.name)
+        if not match:
+            continue
+        batch = int(match[1])
+        if batch in parts:
+            raise ValueError(f"{directory} holds two parts of batch {batch} "
+                             f"({parts[batch][0].name}, {path.name}): did two dumps write into "
+                             "it? Delete both and rerun (that batch is sampled again)")
+        parts[batch] = (path, int(match[2], 16))
+    return parts
 
 
 TMP_PREFIX = files.TMP_PREFIX
@@ -379,9 +536,10 @@ TMP_PREFIX = files.TMP_PREFIX
 _atomic_write = files.atomic_write   # temporaries named files.TMP_PREFIX<pid>.<name>
 
 
-def remove_stale_temps(output: pathlib.Path) -> list[pathlib.Path]:
+def remove_stale_temps(output: epath.Path) -> list[epath.Path]:
     """Deletes the temporary files of killed writes in `output` and its parts/ (process 0, before
-    any process writes). Returns the deleted paths."""
+    it writes). Returns the deleted paths."""
+    output = files.as_path(output)
     stale = [p for d in (output, output / PARTS_DIR) if d.is_dir()
              for p in d.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_file()]
     for path in stale:
@@ -390,20 +548,30 @@ def remove_stale_temps(output: pathlib.Path) -> list[pathlib.Path]:
     return stale
 
 
-def _write_part(path: pathlib.Path, index: np.ndarray, images: np.ndarray,
-                labels: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.savez(f, index=index, images=images, labels=labels))
+def _write_part(output: epath.Path, batch: int, images: np.ndarray, labels: np.ndarray) -> None:
+    images = np.ascontiguousarray(images, np.uint8)
+    _atomic_write(_part_path(output, batch, zlib.crc32(images)),
+                  lambda f: np.savez(f, images=images, labels=labels))
 
 
-def _local_rows(images: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(row indices within the batch, uint8 rows) held by this process's devices."""
-    rows, blocks = [], []
-    for shard in sorted(images.addressable_shards, key=lambda s: s.index[0].start or 0):
-        start = shard.index[0].start or 0
-        data = np.asarray(shard.data)
-        rows.append(np.arange(start, start + data.shape[0]))
-        blocks.append(data)
-    return np.concatenate(rows), np.concatenate(blocks)
+def _read_part(path: epath.Path, batch: int, crc: int, labels: np.ndarray, image_shape
+               ) -> np.ndarray:
+    """The rows of a part, checked against the labels these settings draw and its CRC-32."""
+    fix = f"delete {path} and rerun (only batch {batch} is sampled again)"
+    try:
+        with np.load(io.BytesIO(path.read_bytes())) as part:
+            images, part_labels = part["images"], part["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable part ({type(e).__name__}: {e}); "
+                         f"{fix}") from e
+    if (images.dtype != np.uint8 or images.shape != (len(labels), *image_shape)
+            or not np.array_equal(part_labels, labels)):
+        raise ValueError(f"{path} does not hold the samples of batch {batch} that these "
+                         f"settings draw; {fix}")
+    if zlib.crc32(images) != crc:
+        raise ValueError(f"{path} is corrupt: its rows' CRC-32 is {zlib.crc32(images):08x}, "
+                         f"its name records {crc:08x}; {fix}")
+    return images
 
 
 def manifest_for(args: DumpArgs, source: Source, sampler_config: dict, image_shape) -> dict:
@@ -422,8 +590,12 @@ def _differences(old, new, prefix="") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def check_manifest(output: pathlib.Path, manifest: dict) -> None:
-    """Raises if `output` holds a dump made with other settings; writes the manifest if fresh."""
+def check_manifest(output: epath.Path, manifest: dict) -> None:
+    """Raises if `output` holds a dump made with other settings; writes the manifest if fresh.
+
+    Process 0 only (it alone reads and writes the output).
+    """
+    output = files.as_path(output)
     path = output / MANIFEST_FILE
     # The JSON view (tuples -> lists) compares like the file.
     new = json.loads(json.dumps(manifest))
@@ -435,18 +607,22 @@ def check_manifest(output: pathlib.Path, manifest: dict) -> None:
                 f"{output} holds a dump made with other settings ({'; '.join(diff)}). "
                 f"Rerun with the settings in {path}, choose another --output, or delete {output} "
                 "to start over.")
-    multihost_utils.sync_global_devices("sample_dump: manifest checked")
-    if jax.process_index() == 0 and not path.exists():
-        _atomic_write(path, lambda f: f.write((json.dumps(new, indent=2) + "\n").encode()))
+    else:
+        files.atomic_write_text(path, json.dumps(new, indent=2) + "\n")
 
 
-def _write_npz_streaming(path: pathlib.Path, shape: tuple[int, ...], blocks,
+# ---- samples.npz, streamed from the parts -----------------------------------------------------
+
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)   # fixed: the same samples give the same bytes
+
+
+def _write_npz_streaming(path: epath.Path, shape: tuple[int, ...], blocks,
                          labels: np.ndarray) -> None:
     """An np.savez-compatible file (arr_0 uint8 `shape`, arr_1 labels) from row blocks in order,
-    without holding arr_0 in memory. Fixed zip timestamps: the same samples give the same bytes."""
+    without holding arr_0 in memory (local, or staged locally for gs://: files.atomic_write)."""
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info = zipfile.ZipInfo("arr_0.npy", date_time=_ZIP_DATE)
             with zf.open(info, "w", force_zip64=True) as member:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                           "fortran_order": False, "shape": tuple(shape)}
@@ -457,7 +633,7 @@ def _write_npz_streaming(path: pathlib.Path, shape: tuple[int, ...], blocks,
                     rows += block.shape[0]
                 if rows != shape[0]:
                     raise RuntimeError(f"assembled {rows} samples, expected {shape[0]}")
-            info = zipfile.ZipInfo("arr_1.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info = zipfile.ZipInfo("arr_1.npy", date_time=_ZIP_DATE)
             with zf.open(info, "w") as member:
                 np.lib.format.write_array(member, np.asarray(labels))
 
@@ -485,7 +661,7 @@ class _Grid:
                 self.cells[divmod(self.seen, self.cols)] = image
             self.seen += 1
 
-    def write(self, path: pathlib.Path, image_shape) -> None:
+    def write(self, path: epath.Path, image_shape) -> None:
         rows = (self.num_classes if self.per_class
                 else math.ceil(min(self.seen, GRID_SAMPLES) / self.cols))
         # Black where a class has fewer samples than a row holds.
@@ -497,33 +673,36 @@ class _Grid:
         _atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
-def assemble(output: pathlib.Path, *, num_samples: int, batch_size: int, image_shape,
-             labels: np.ndarray, num_classes: int, process_count: int) -> None:
-    """Process 0: parts -> samples.npz + grid; checks each sample is there once, with its label."""
+def _batch_rows(batch: int, batch_size: int, num_samples: int) -> slice:
+    return slice(batch * batch_size, min((batch + 1) * batch_size, num_samples))
+
+
+def assemble(output: epath.Path, *, num_samples: int, batch_size: int, image_shape,
+             labels: np.ndarray, num_classes: int) -> None:
+    """Process 0: parts -> samples.npz + grid; checks every part holds its batch's samples.
+
+    Args:
+      output: the dump's directory (local or gs://) with a part for every batch.
+      num_samples, batch_size: the dump's settings (batch b is rows b * batch_size onwards).
+      image_shape: (H, W, C) of the samples.
+      labels: the (num_samples,) labels the settings draw (`sample_labels`).
+      num_classes: picks the grid's layout.
+    """
+    output = files.as_path(output)
     num_batches = math.ceil(num_samples / batch_size)
+    parts = list_parts(output)
+    missing = [b for b in range(num_batches) if b not in parts]
+    if missing:
+        raise RuntimeError(f"{output / PARTS_DIR} has no part for batches {missing[:8]}: rerun to "
+                           "sample them")
     grid = _Grid(num_classes)
 
     def blocks():
         for b in range(num_batches):
-            start, stop = b * batch_size, min((b + 1) * batch_size, num_samples)
-            block = np.zeros((stop - start, *image_shape), np.uint8)
-            filled = np.zeros(stop - start, bool)
-            for p in range(process_count):
-                path = _part_path(output, b, p, process_count)
-                with np.load(path) as part:
-                    index, images, part_labels = part["index"], part["images"], part["labels"]
-                if (index.min(initial=start) < start or index.max(initial=start) >= stop
-                        or filled[index - start].any()
-                        or not np.array_equal(part_labels, labels[index])):
-                    raise RuntimeError(f"{path} does not hold the samples of batch {b} that these "
-                                       f"settings draw; delete {output / PARTS_DIR} and rerun")
-                block[index - start] = images
-                filled[index - start] = True
-            if not filled.all():
-                raise RuntimeError(f"batch {b} is missing samples "
-                                   f"{np.flatnonzero(~filled)[:8] + start} in "
-                                   f"{output / PARTS_DIR}; delete it and rerun")
-            grid.add(block, labels[start:stop])
+            rows = _batch_rows(b, batch_size, num_samples)
+            path, crc = parts[b]
+            block = _read_part(path, b, crc, labels[rows], image_shape)
+            grid.add(block, labels[rows])
             yield block
 
     _write_npz_streaming(output / SAMPLES_FILE, (num_samples, *image_shape), blocks(), labels)
@@ -535,14 +714,39 @@ def assemble(output: pathlib.Path, *, num_samples: int, batch_size: int, image_s
 # ----------------------------------------------------------------------------------------------
 
 
+def _prepare_output(output: epath.Path, manifest: dict, num_batches: int) -> dict:
+    """Process 0: creates the output, checks the manifest; which batches are already done."""
+    (output / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(output)
+    check_manifest(output, manifest)
+    if (output / SAMPLES_FILE).exists():
+        return dict(complete=True, done=[])
+    return dict(complete=False, done=sorted(b for b in list_parts(output) if b < num_batches))
+
+
+def _finish(output: epath.Path, args: DumpArgs, labels: np.ndarray, image_shape,
+            num_classes: int) -> None:
+    """Process 0: assembles samples.npz and the grid, then deletes the parts."""
+    assemble(output, num_samples=args.num_samples, batch_size=args.batch_size,
+             image_shape=image_shape, labels=labels, num_classes=num_classes)
+    if not args.keep_parts:
+        (output / PARTS_DIR).rmtree()
+    logging.info("wrote %s (%d samples, %s) and %s", output / SAMPLES_FILE, args.num_samples,
+                 image_shape, output / GRID_FILE)
+
+
 def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *,
-         max_batches: int | None = None) -> pathlib.Path | None:
+         max_batches: int | None = None) -> epath.Path | None:
     """Samples every missing batch into parts/, then assembles samples.npz; returns its path.
 
+    Every process samples its rows of each batch; process 0 gathers them and alone touches the
+    output (the others never read or write under it): it lists the finished parts once and
+    broadcasts which batches are missing, so all processes run the same batches.
+
     Args:
-      args: the dump's flags (`output`, `num_samples`, `batch_size`, `seed`, `balanced`,
-        `keep_parts`); they and the sampler settings must match the manifest of a dump already in
-        `output`.
+      args: the dump's flags (`output`: local or gs://, `num_samples`, `batch_size`, `seed`,
+        `balanced`, `keep_parts`); they and the sampler settings must match the manifest of a dump
+        already in `output`.
       source: the model and VAE to sample, from `load_source`.
       sampler_config: the resolved sampler settings, from `resolve_sampler_config`.
       mesh: the data-parallel mesh of `make_mesh`; every process calls `dump` with it.
@@ -552,47 +756,45 @@ def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *,
       The path of samples.npz (also when it was already complete), or None when `max_batches`
       stopped the dump before every batch was sampled.
     """
-    output = pathlib.Path(args.output).absolute()
-    process, process_count = jax.process_index(), jax.process_count()
+    output = files.as_path(args.output)
+    is_0 = jax.process_index() == 0
     labels = sample_labels(args.num_samples, source.num_classes, args.seed, args.balanced)
     batcher = BatchSampler(source, sampler_config, batch_size=args.batch_size, seed=args.seed,
                            mesh=mesh)
     image_shape = batcher.image_shape()
-    if process == 0:
-        (output / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(output)   # before the barrier: no process writes parts yet
-    multihost_utils.sync_global_devices("sample_dump: output created")
-    check_manifest(output, manifest_for(args, source, sampler_config, image_shape))
+    num_batches = math.ceil(args.num_samples / args.batch_size)
+    manifest = manifest_for(args, source, sampler_config, image_shape)
+    state = on_process_0(lambda: _prepare_output(output, manifest, num_batches))
     final = output / SAMPLES_FILE
-    if final.exists():
+    if state["complete"]:
         logging.info("%s is complete; nothing to do", final)
         return final
 
-    num_batches = math.ceil(args.num_samples / args.batch_size)
-    mine = np.array([_part_path(output, b, process, process_count).exists()
-                     for b in range(num_batches)])
-    # A batch is done only when every process wrote its part (all processes run every batch
-    # together).
-    done = mine if process_count == 1 else multihost_utils.process_allgather(mine).all(axis=0)
-    todo = [b for b in range(num_batches) if not done[b]]
+    done = set(state["done"])
+    todo = [b for b in range(num_batches) if b not in done]
+    left = len(todo)
     if max_batches is not None:
         todo = todo[:max_batches]
-    finished = sum(min(args.batch_size, args.num_samples - b * args.batch_size)
-                   for b in range(num_batches) if done[b])
-    logging.info("%d of %d batches of %d already in %s; sampling %d", num_batches - len(todo),
-                 num_batches, args.batch_size, output / PARTS_DIR, len(todo))
+    finished = sum(min(args.batch_size, args.num_samples - b * args.batch_size) for b in done)
+    logging.info("%d of %d batches of %d already in %s; sampling %d", len(done), num_batches,
+                 args.batch_size, output / PARTS_DIR, len(todo))
 
     def batch_labels(b):
-        chunk = labels[b * args.batch_size:(b + 1) * args.batch_size]
+        chunk = labels[_batch_rows(b, args.batch_size, args.num_samples)]
         # The last batch is padded (label 0) to keep one compiled shape; its extra rows are dropped.
         return np.pad(chunk, (0, args.batch_size - len(chunk)))
 
-    progress = console.Progress(args.num_samples, initial=finished, enabled=process == 0,
-                                verb="sampled")
-    # One batch in flight while the previous one is written: the device never waits for the disk.
+    progress = console.Progress(args.num_samples, initial=finished, enabled=is_0, verb="sampled")
+    def start(b):
+        images, finite = batcher.sample(b, batch_labels(b))
+        return b, gather_to_process_0(images), finite
+
+    # One batch in flight while the previous one is written: the devices never wait for the disk.
+    # Each batch's finiteness check also syncs the processes (multi-process CPU deadlocks after
+    # ~30 unsynced cross-process steps, DESIGN.md).
     pending = None
     for b in todo + [None]:
-        current = None if b is None else (b, *batcher.sample(b, batch_labels(b)))
+        current = None if b is None else start(b)
         if pending is not None:
             pb, images, finite = pending
             if not bool(np.asarray(finite.addressable_data(0))):
@@ -600,29 +802,17 @@ def dump(args: DumpArgs, source: Source, sampler_config: dict, mesh, *,
                     f"batch {pb} of the dump in {output}: the sampler produced NaN or Inf from "
                     f"finite weights ({source.description['path']}); no part or samples.npz is "
                     "written for it. Check the sampler settings (--config.*) and the weights")
-            rows, data = _local_rows(images)
-            index = pb * args.batch_size + rows
-            keep = index < args.num_samples
-            _write_part(_part_path(output, pb, process, process_count), index[keep], data[keep],
-                        labels[index[keep]])
-            progress.update(min(args.batch_size, args.num_samples - pb * args.batch_size))
+            rows = _batch_rows(pb, args.batch_size, args.num_samples)
+            block = rows_on_process_0(images)
+            on_process_0(lambda: _write_part(output, pb, block[:rows.stop - rows.start],
+                                             labels[rows]))
+            progress.update(rows.stop - rows.start)
         pending = current
     progress.close()
-    if max_batches is not None and len(todo) < num_batches - int(done.sum()):
+    if len(todo) < left:
         return None
 
-    multihost_utils.sync_global_devices("sample_dump: parts written")
-    if process == 0:
-        assemble(output, num_samples=args.num_samples, batch_size=args.batch_size,
-                 image_shape=image_shape, labels=labels, num_classes=source.num_classes,
-                 process_count=process_count)
-        if not args.keep_parts:
-            for path in (output / PARTS_DIR).iterdir():
-                path.unlink()
-            (output / PARTS_DIR).rmdir()
-        logging.info("wrote %s (%d samples, %s) and %s", final, args.num_samples, image_shape,
-                     output / GRID_FILE)
-    multihost_utils.sync_global_devices("sample_dump: assembled")
+    on_process_0(lambda: _finish(output, args, labels, image_shape, source.num_classes))
     return final
 
 
@@ -656,14 +846,14 @@ def calibrate(args: DumpArgs, source: Source, sampler_config: dict) -> list[int]
                                    key=jax.random.fold_in(root, 1))
     steps = sampler_lib.solve_recompute_steps(np.asarray(jax.device_get(states)),
                                               args.num_recompute)
+    sampler_lib.read_config({**config, "recompute_steps": steps})   # raises for a bad schedule
     if jax.process_index() == 0:
-        # save_schedule validates; then we add what the schedule was solved for.
-        sampler_lib.save_schedule(args.schedule, steps)
+        # What sampler.load_schedule reads, and what the schedule was solved for; through
+        # files.atomic_write (sampler.save_schedule writes local paths only).
         record = {"recompute_steps": steps, "num_steps": n, "num_recompute": args.num_recompute,
                   "calibrate_samples": args.calibrate_samples, "seed": args.seed,
                   "source": source.description, "sampler": config}
-        _atomic_write(pathlib.Path(args.schedule),
-                      lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+        files.atomic_write_text(args.schedule, json.dumps(record, indent=2) + "\n")
         logging.info("wrote %s: %d recomputes over %d steps: %s", args.schedule, len(steps), n,
                      steps)
     return steps

@@ -1,6 +1,7 @@
 """Sample dumps (sample.py / ddt_jax/sample_dump.py): the ADM file, equality with direct
-sampling, resume after an interruption, 1 vs 8 devices, calibrate -> schedule, the CLI on a
-training run.
+sampling, resume after an interruption, 1 vs 8 devices, the zip stream, gs:// against the GCS
+emulator, two processes (only process 0 writes), calibrate -> schedule, the CLI on a training run
+and its sampler settings.
 
     .venv/bin/python -m pytest tests/test_sample.py -q
 
@@ -9,17 +10,22 @@ decoded by a small random diffusers VAE (2 levels: 32x32 RGB); the CLI test samp
 pixel-space run written by the trainer's own state layout and checkpointer. 3 sampler steps keep
 compiles short.
 """
+import dataclasses
 import json
 import os
 import pathlib
+import re
+import socket
 import subprocess
 import sys
+import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -150,6 +156,18 @@ def test_resume_after_interruption_is_byte_identical(converted, tmp_path):
     with pytest.raises(ValueError, match="num_samples: 20 -> 30"):
         sample_dump.run(args_for(converted, tmp_path / "resumed", balanced=True, num_samples=30),
                         config)
+    # A part whose rows changed after it was written (its name keeps their CRC-32) is refused
+    # while samples.npz is assembled, by name; deleting it samples that batch again.
+    (part,) = parts.glob("0*.npz")
+    with np.load(part) as f:
+        changed = dict(f)
+    changed["images"][0, 0, 0, 0] ^= 1
+    np.savez(part, **changed)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(part))} is corrupt: .* delete "
+                                         rf"{re.escape(str(part))} and rerun"):
+        sample_dump.run(args, config)
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["manifest.json", "parts"]
+    part.unlink()
     path = sample_dump.run(args, config)
 
     assert path.read_bytes() == full.read_bytes()   # the arrays and the file itself
@@ -159,8 +177,101 @@ def test_resume_after_interruption_is_byte_identical(converted, tmp_path):
                                   [NUM_SAMPLES // CLASSES] * CLASSES)
     assert np.any(np.diff(labels) < 0)
     # A finished dump is left alone.
-    mtime = path.stat().st_mtime_ns
-    assert sample_dump.run(args, config) == path and path.stat().st_mtime_ns == mtime
+    mtime = os.stat(path).st_mtime_ns
+    assert sample_dump.run(args, config) == path and os.stat(path).st_mtime_ns == mtime
+
+
+def _listing(directory):
+    return sorted(p.name for p in epath.Path(directory).iterdir())
+
+
+def test_gcs_dump_is_byte_identical_to_the_local_one(converted, reference, gcs_bucket):
+    output = f"{gcs_bucket}/dump-{uuid.uuid4().hex[:8]}"
+    path = sample_dump.run(args_for(converted, output), sampler_config())
+    assert os.fspath(path) == f"{output}/samples.npz"
+    assert _listing(output) == ["manifest.json", "samples.npz", "samples.png"]   # no parts/
+    for name in ("samples.npz", "samples.png", "manifest.json"):
+        assert (epath.Path(output) / name).read_bytes() == (reference[0] / name).read_bytes(), name
+
+
+def test_gcs_dump_resumes_to_the_same_bytes(converted, reference, gcs_bucket):
+    output = epath.Path(f"{gcs_bucket}/resumed-{uuid.uuid4().hex[:8]}")
+    args = args_for(converted, os.fspath(output))
+    assert sample_dump.run(args, sampler_config(), max_batches=1) is None
+    parts = _listing(output / "parts")
+    assert len(parts) == 1 and re.fullmatch(r"0000000\.[0-9a-f]{8}\.npz", parts[0]), parts
+    (output / "parts" / ".tmp.999.0000001.0badc0de.npz").write_bytes(b"half a part")
+    with pytest.raises(ValueError, match="other settings.*guidance: 2.0 -> 3.0"):
+        sample_dump.run(args, sampler_config(guidance=3.0))
+    path = sample_dump.run(args, sampler_config())
+    assert path.read_bytes() == (reference[0] / "samples.npz").read_bytes()
+    assert _listing(output) == ["manifest.json", "samples.npz", "samples.png"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_write_only_on_process_0_and_resume(converted, reference, tmp_path):
+    """2 processes x 4 CPU devices (gloo): the rows are gathered to process 0, which alone touches
+    the output; process 1 never opens, lists or creates anything under it."""
+    # A dump one process started (8 devices): two processes finish it (parts are whole batches).
+    from_one = tmp_path / "from_one_process"
+    assert sample_dump.run(args_for(converted, from_one), sampler_config(), max_batches=1) is None
+    two = tmp_path / "two_processes"
+    control = tmp_path / "control"
+    control.mkdir()
+
+    def step(output, max_batches=None, **sampler):
+        return dict(args=dataclasses.asdict(args_for(converted, output)),
+                    sampler=dict(num_steps=3, **sampler), max_batches=max_batches)
+
+    request = dict(watch=[str(two), str(from_one), str(control)], control=str(control),
+                   steps=[step(two, max_batches=1), step(two), step(from_one),
+                          step(two, guidance=3.0)])
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=str(REPO))
+    port = _free_port()
+    procs = [subprocess.Popen(
+        ["timeout", "-s", "KILL", "240", sys.executable, str(REPO / "tests" / "sample_worker.py"),
+         f"127.0.0.1:{port}", str(i), str(tmp_path / "request.json"), str(tmp_path / f"p{i}.json")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate()[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    reports = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    for i, report in enumerate(reports):
+        assert (report["process"], report["devices"], report["local_devices"]) == (i, 8, 4)
+        stopped, finished, resumed, refused = report["results"]
+        assert stopped["path"] is None
+        assert finished["path"] == str(two / "samples.npz")
+        assert resumed["path"] == str(from_one / "samples.npz")
+        assert refused["error"] == "ValueError" and "guidance: 2.0 -> 3.0" in refused["message"]
+    # Process 1 learns of the refusal from process 0.
+    assert reports[1]["results"][3]["message"].startswith("(on process 0) ")
+    parts = reports[0]["results"][0]["parts"]
+    assert len(parts) == 1 and parts[0].startswith("0000000."), parts
+    assert reports[0]["results"][1]["parts"] is None   # deleted once samples.npz exists
+
+    # The same bytes as the one-process, 8-device dump, for both.
+    for output in (two, from_one):
+        for name in ("samples.npz", "samples.png"):
+            assert (output / name).read_bytes() == (reference[0] / name).read_bytes(), output
+
+    def written(events):
+        return sorted({os.path.relpath(re.sub(r"/\.tmp\.\d+\.", "/", path), tmp_path)
+                       for event, path, mode in events if event == "open" and "w" in mode})
+
+    # Process 1's hook saw its control write and nothing else; process 0 wrote every file.
+    assert reports[1]["events"] == [["open", str(control / "p1.txt"), "w"]]
+    by_0 = written(reports[0]["events"])
+    assert {"two_processes/manifest.json", "two_processes/samples.npz",
+            "two_processes/samples.png", "from_one_process/samples.npz"} <= set(by_0), by_0
+    assert sum(p.startswith("two_processes/parts/") for p in by_0) == 3, by_0
+    assert sum(p.startswith("from_one_process/parts/") for p in by_0) == 2, by_0
 
 
 def test_calibrate_writes_a_schedule_that_sampling_uses(converted, reference, tmp_path):
@@ -208,8 +319,30 @@ def test_bad_arguments_fail_clearly(converted, tmp_path):
                         config)
 
 
+def test_sampler_settings_start_from_the_run_and_flags_win(converted, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(
+        {"logging": {"sample": {"guidance": 3.0, "num_steps": 7, "timeshift": 2.0}}}))
+    args = DumpArgs(workdir=str(workdir), output=str(tmp_path / "out"))
+    # timeshift=1.0 is the default's value, given explicitly: it wins over the run's 2.0.
+    config, origins = sample_dump.sampler_config_for(args, {"num_steps": 3, "timeshift": 1.0})
+    defaults = sampler_lib.default_sampler_config().to_dict()
+    assert config == {**defaults, "guidance": 3.0, "num_steps": 3, "timeshift": 1.0}
+    assert origins["guidance"] == "the run's logging.sample"
+    assert origins["num_steps"] == origins["timeshift"] == "--config"
+    assert origins["last_step"] == "default"   # a config.json without the field
+    # A converted checkpoint has no run settings: the defaults, as before.
+    config, origins = sample_dump.sampler_config_for(args_for(converted, ""), {"guidance": 1.5})
+    assert config == {**defaults, "guidance": 1.5}
+    assert set(origins.values()) == {"--config", "default"}
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        sample_dump.sampler_config_for(DumpArgs(workdir=str(tmp_path)), {})
+
+
 def test_cli_samples_the_ema_of_a_grey_pixel_run(tmp_path):
-    """sample.py on a workdir in the trainer's format: EMA params (not the raw ones), C = 1 kept."""
+    """sample.py on a workdir in the trainer's format: EMA params (not the raw ones), C = 1 kept,
+    the run's logging.sample under the --config flags given."""
     from PIL import Image
     from configs import tiny
     from ddt_jax import checkpoint as checkpoint_lib
@@ -218,6 +351,9 @@ def test_cli_samples_the_ema_of_a_grey_pixel_run(tmp_path):
 
     config = tiny.get_config("pixel")
     config.model.in_channels = config.data.channels = 1
+    # Not the defaults (2.0, 1.0); the tiny config's num_steps is 4.
+    config.logging.sample.guidance = 1.0
+    config.logging.sample.timeshift = 3.0
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -247,12 +383,18 @@ def test_cli_samples_the_ema_of_a_grey_pixel_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "sample.py", f"--workdir={workdir}", f"--output={output}",
          "--num_samples=8", "--batch_size=8", "--seed=3", "--config.num_steps=2",
-         "--config.guidance=1.0"],
+         "--config.timeshift=1.0"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     images, labels = load_npz(output / "samples.npz")
     assert images.shape == (8, 32, 32, 1) and images.dtype == np.uint8
     assert Image.open(output / "samples.png").mode == "L"
+    # guidance from the run; num_steps and timeshift (the default's value) from the flags.
+    sampler = json.loads((output / "manifest.json").read_text())["sampler"]
+    assert (sampler["guidance"], sampler["num_steps"], sampler["timeshift"]) == (1.0, 2, 1.0)
+    assert re.search(r"sampler settings from --config: num_steps=2, timeshift=1\.0", proc.stderr)
+    assert re.search(r"sampler settings from the run's logging.sample: .*guidance=1\.0",
+                     proc.stderr)
 
     noise = sample_dump.batch_noise(3, 0, (8, 32, 32, 1))
     y = jnp.asarray(labels, jnp.int32)
