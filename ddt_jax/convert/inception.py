@@ -14,16 +14,16 @@ would only pretend to work. pytorch-fid's file holds the same weights, converted
 from __future__ import annotations
 
 import os
-import pathlib
-import tempfile
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from safetensors import numpy as safetensors_numpy
 
+from ddt_jax import files
 from ddt_jax.convert import fill
 from ddt_jax.convert.state_dict import read_state_dict
 from ddt_jax.models import inception
@@ -48,8 +48,8 @@ def torch_key(path: tuple) -> str:
     return ".".join([*parents, _LEAF_TO_TORCH.get(leaf, leaf)])
 
 
-def _check_exists(path: str | os.PathLike) -> pathlib.Path:
-    path = pathlib.Path(path)
+def _check_exists(path: str | os.PathLike) -> epath.Path:
+    path = files.as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"Inception weights {path} do not exist. {_WHERE}")
     return path
@@ -96,7 +96,7 @@ def load_inception(path: str | os.PathLike) -> inception.InceptionV3:
 
 
 def convert_inception(input_path: str | os.PathLike,
-                      output_path: str | os.PathLike) -> pathlib.Path:
+                      output_path: str | os.PathLike) -> epath.Path:
     """Checks a pytorch-fid Inception file against the model and writes it as safetensors.
 
     The float tensors are written as float32 under the same keys (the `num_batches_tracked`
@@ -104,12 +104,13 @@ def convert_inception(input_path: str | os.PathLike,
 
     Args:
       input_path: `pt_inception-2015-12-05-6726825d.pth` (or a `.safetensors`).
-      output_path: the `.safetensors` file to write; `load_inception` reads it without torch.
+      output_path: the `.safetensors` file to write (local or gs://); `load_inception` reads it
+        without torch.
 
     Returns:
       `output_path`.
     """
-    output_path = pathlib.Path(output_path)
+    output_path = files.as_path(output_path)
     if output_path.suffix != ".safetensors":
         raise ValueError(f"output {output_path} must end in .safetensors")
     sd = read_state_dict(_check_exists(input_path))
@@ -117,12 +118,6 @@ def convert_inception(input_path: str | os.PathLike,
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()
                if not k.endswith(IGNORED_SUFFIX)}
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=output_path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors_numpy.save_file(tensors, tmp)
-        os.replace(tmp, output_path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    data = safetensors_numpy.save(tensors)   # ~95 MB: built in memory, written atomically
+    files.atomic_write(output_path, lambda f: f.write(data))
     return output_path

@@ -9,7 +9,6 @@ depends on the sample order: a class-sorted dump is warned about).
 from __future__ import annotations
 
 import json
-import pathlib
 import warnings
 
 import jax
@@ -35,7 +34,7 @@ HOW_TO_GET_INCEPTION = (
 
 def load_inception(path) -> nnx.Module:
     """The Inception-v3 of a pytorch-fid .pth or converted .safetensors; a clear error if absent."""
-    if not path or not pathlib.Path(path).is_file():
+    if not path or not files.as_path(path).is_file():
         raise FileNotFoundError(f"--inception={path or ''}: no such file; {HOW_TO_GET_INCEPTION}")
     return convert.load_inception(path)
 
@@ -137,7 +136,7 @@ def evaluate(ref_path, sample_path, net, *, batch_size: int = features_lib.DEFAU
         distance_dtype=distance_dtype, cached=dict(ref=ref.cached, samples=samples.cached),
         warnings=notes)
     if output is not None and jax.process_index() == 0:
-        output = pathlib.Path(output)
+        output = files.as_path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         text = (json.dumps(result, indent=2) + "\n").encode()
         files.atomic_write(output, lambda f: f.write(text))

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import math
-import pathlib
 import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
@@ -43,6 +43,7 @@ MIN_IMAGES = 2                  # a covariance needs two rows
 HASH_CHUNK = 16 << 20           # bytes per read when hashing (a 50K x 256 px dump is 9.8 GB)
 LAYOUT = "ADM layout: arr_0 = uint8 images (N, H, W, 3) NHWC, optional arr_1 = int labels (N,)"
 _LOCAL_HEADER = 30              # fixed part of a zip local file header (APPNOTE 4.3.7)
+_END_RECORD = 22                # the smallest zip: its end of central directory (APPNOTE 4.3.16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +70,24 @@ class Activations:
 # Reading one array of an .npz, row by row
 # ----------------------------------------------------------------------------------------------
 
-def _open_zip(path) -> zipfile.ZipFile:
-    path = pathlib.Path(path)
+@contextlib.contextmanager
+def _open_zip(path) -> Iterator[zipfile.ZipFile]:
+    path = files.as_path(path)   # local or gs://: zipfile only needs a seekable file
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{path} is not an .npz (zip) file ({e}); write images with "
-                         f"np.savez(path, arr_0=images, arr_1=labels); {LAYOUT}") from None
+    # A ZipFile leaves a file object it was given open: this one is closed here.
+    with path.open("rb") as stream:
+        try:
+            size = path.stat().length
+            if size < _END_RECORD:
+                # tf.io.gfile (gs://) cannot seek before the start, as zipfile tries here.
+                raise zipfile.BadZipFile(f"{size} bytes")
+            zf = zipfile.ZipFile(stream)
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path} is not an .npz (zip) file ({e}); write images with "
+                             f"np.savez(path, arr_0=images, arr_1=labels); {LAYOUT}") from None
+        with zf:
+            yield zf
 
 
 def npz_members(path) -> list[str]:
@@ -118,13 +128,13 @@ def _open_member(path, key: str):
         except KeyError:
             found = sorted(name.removesuffix(".npy") for name in zf.namelist())
             raise ValueError(f"{path} has no {key} (found {found}); {LAYOUT}") from None
-        if info.compress_type == zipfile.ZIP_STORED:
-            # Read the file itself: seeking to row k is then free (zipfile reads up to it).
-            stream = open(path, "rb")
-            stream.seek(_stored_data_offset(stream, info))
-        else:
-            stream = zf.open(info)
-        with stream:
+        with contextlib.ExitStack() as stack:
+            if info.compress_type == zipfile.ZIP_STORED:
+                # Read the file itself: seeking to row k is then free (zipfile reads up to it).
+                stream = stack.enter_context(files.as_path(path).open("rb"))
+                stream.seek(_stored_data_offset(stream, info))
+            else:
+                stream = stack.enter_context(zf.open(info))
             yield _read_header(stream, f"{path}:{key}"), stream
 
 
@@ -178,8 +188,8 @@ def read_labels(path, num_images: int) -> np.ndarray | None:
     """`arr_1` of an .npz as int64 (N,) class labels, or None when the file has none."""
     if "arr_1" not in npz_members(path):
         return None
-    with np.load(path) as f:   # loads only this member
-        labels = f["arr_1"]
+    with files.as_path(path).open("rb") as stream, np.load(stream) as f:
+        labels = f["arr_1"]   # loads only this member
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (num_images,):
         raise ValueError(f"{path}: arr_1 must be ({num_images},) integer class labels matching "
                          f"arr_0, got {labels.dtype} {labels.shape}; {LAYOUT}")
@@ -392,17 +402,17 @@ def compute_features(path, runner: InceptionRunner, *, progress: bool = True
 
 def file_sha256(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with files.as_path(path).open("rb") as f:
         while block := f.read(HASH_CHUNK):
             digest.update(block)
     return digest.hexdigest()
 
 
-def cache_path(path, sha256: str, weights_id: str, cache_dir=None) -> pathlib.Path:
+def cache_path(path, sha256: str, weights_id: str, cache_dir=None) -> epath.Path:
     """`<dir>/<file name>.adm_acts.<key16>.npz`: beside the input, or in `cache_dir`."""
-    path = pathlib.Path(path).absolute()
+    path = files.as_path(path)
     key = hashlib.sha256(f"{CACHE_VERSION}:{sha256}:{weights_id}".encode()).hexdigest()[:16]
-    folder = pathlib.Path(cache_dir) if cache_dir else path.parent
+    folder = files.as_path(cache_dir) if cache_dir else path.parent
     return folder / f"{path.name}{CACHE_TAG}{key}.npz"
 
 
@@ -410,12 +420,12 @@ def _cache_meta(sha256: str, weights_id: str, shape) -> dict:
     return dict(version=CACHE_VERSION, sha256=sha256, inception=weights_id, shape=list(shape))
 
 
-def load_cache(file: pathlib.Path, meta: dict) -> dict[str, np.ndarray] | None:
+def load_cache(file: epath.Path, meta: dict) -> dict[str, np.ndarray] | None:
     """The cached activations, or None when the file is missing, unreadable or not for `meta`."""
     if not file.exists():
         return None
     try:
-        with np.load(file) as f:
+        with file.open("rb") as stream, np.load(stream) as f:
             if json.loads(str(f["meta"])) != meta:
                 raise ValueError("written for another file, weights or cache version")
             features = {k: f[k] for k in FEATURES}
@@ -430,7 +440,7 @@ def load_cache(file: pathlib.Path, meta: dict) -> dict[str, np.ndarray] | None:
     return features
 
 
-def save_cache(file: pathlib.Path, features: dict[str, np.ndarray], meta: dict) -> None:
+def save_cache(file: epath.Path, features: dict[str, np.ndarray], meta: dict) -> None:
     """Writes the cache atomically; an unwritable folder costs only a log line."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-import pathlib
 import zipfile
 from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from ddt_jax import console
@@ -46,7 +46,7 @@ def stored_statistics(path) -> dict[str, np.ndarray] | None:
         missing = [k for k in STAT_KEYS if k not in present]
         raise ValueError(f"{path} holds {present} but not {missing}: a reference batch has all "
                          "four ADM statistics or none (then they are computed from arr_0)")
-    with np.load(path) as f:
+    with files.as_path(path).open("rb") as stream, np.load(stream) as f:
         stats = {k: np.asarray(f[k], np.float64) for k in STAT_KEYS}
     for suffix, dim in (("", inception.POOL_DIM), ("_s", inception.SPATIAL_DIM)):
         mu, sigma = stats["mu" + suffix], stats["sigma" + suffix]
@@ -116,7 +116,7 @@ class ImageSource:
     label: Callable[[np.ndarray], np.ndarray | None]     # sorted indices -> their labels
 
 
-def _npz_source(path: pathlib.Path) -> ImageSource:
+def _npz_source(path: epath.Path) -> ImageSource:
     header = features_lib.read_header(path)
     features_lib.check_images(header, path, statistics=False)
     labels = features_lib.read_labels(path, header.shape[0])
@@ -143,7 +143,7 @@ def _blocks(load: Callable[[int], np.ndarray], index, workers: int) -> Iterator[
             yield np.stack(list(pool.map(load, index[lo:lo + READ_BLOCK])))
 
 
-def _records_source(path: pathlib.Path, workers: int) -> ImageSource:
+def _records_source(path: epath.Path, workers: int) -> ImageSource:
     source = records.RecordSource(path)
     if "image" in source.spec:
         field = "image"
@@ -169,7 +169,7 @@ def _records_source(path: pathlib.Path, workers: int) -> ImageSource:
                        lambda index: np.array([source[i]["label"] for i in index], np.int64))
 
 
-def _folder_source(path: pathlib.Path, resolution: int | None, workers: int) -> ImageSource:
+def _folder_source(path: epath.Path, resolution: int | None, workers: int) -> ImageSource:
     if not resolution:
         raise ValueError(f"{path} is an image folder: pass --resolution=S (the side of ADM's "
                          "center crop, e.g. 256)")
@@ -205,7 +205,7 @@ def open_images(source, *, resolution: int | None = None, workers: int | None = 
     Returns:
       The ImageSource.
     """
-    path = pathlib.Path(source)
+    path = files.as_path(source)   # local or gs://
     workers = workers or os.cpu_count() or 1
     if path.is_file():
         images = _npz_source(path)
@@ -273,8 +273,9 @@ def make_reference(source, output, runner: features_lib.InceptionRunner, *,
       What was written: output, source, num_source_images, num_ref_images, image_shape, seed.
     """
     images = open_images(source, resolution=resolution, workers=workers)
-    output = pathlib.Path(output).absolute()
-    if not output.parent.is_dir():
+    output = files.as_path(output)
+    # GCS has no folders (any prefix can be written); a local one must exist.
+    if files.is_local(output) and not output.parent.is_dir():
         raise FileNotFoundError(f"--make_ref={output}: folder {output.parent} does not exist")
     header = features_lib.ArrayHeader((images.num_images, *images.image_shape),
                                       np.dtype(np.uint8), False)
