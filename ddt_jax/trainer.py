@@ -281,8 +281,11 @@ def load_dinov2(config, mesh):
     """(graphdef, replicated params) of the frozen DINOv2, or (None, None) without REPA."""
     if not repa_enabled(config):
         return None, None
+    # The frozen encoder uses the DDT's attention kernel (model.attention): on a TPU slice its
+    # 257-token attention runs in the same splash kernel, on a GPU in cuDNN's.
     dino = convert.load_dinov2(config.repa.dinov2_path, num_heads=config.repa.dinov2_num_heads,
-                               dtype=ddt.DTYPES[config.repa.dinov2_dtype])
+                               dtype=ddt.DTYPES[config.repa.dinov2_dtype],
+                               attention=config.model.attention)
     if dino.embed_dim != config.repa.feature_dim:
         raise ValueError(f"repa.feature_dim={config.repa.feature_dim} but the DINOv2 at "
                          f"{config.repa.dinov2_path} has width {dino.embed_dim}")
@@ -307,7 +310,9 @@ def abstract_dinov2(config, mesh):
                              f"DINOv2 width {sorted(by_width)}: set repa.dinov2_path")
         kwargs = by_width[config.repa.feature_dim]
     dtype = ddt.DTYPES[config.repa.dinov2_dtype]
-    dino = nnx.eval_shape(lambda: dinov2_lib.DINOv2(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
+    dino = nnx.eval_shape(lambda: dinov2_lib.DINOv2(**kwargs, dtype=dtype,
+                                                     attention=config.model.attention,
+                                                     rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(dino)
     replicated = sharding.replicated(mesh)
     return graphdef, jax.tree.map(

@@ -255,6 +255,17 @@ def _loss_and_grads(config):
     return jax.device_get((state.params, loss, parts, grads))
 
 
+def test_dinov2_gets_the_models_attention_kernel():
+    """REPA's frozen DINOv2 runs model.attention, loaded or built abstractly (compile-only)."""
+    config = tiny_config(**{"model.attention": "tpu_flash"})
+    mesh = sharding.create_mesh(config.mesh)
+    for graphdef, params in (trainer.load_dinov2(config, mesh),
+                             trainer.abstract_dinov2(config, mesh)):
+        dino = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params))
+        kernels = {m.attention for _, m in dino.iter_modules() if hasattr(m, "attention")}
+        assert kernels == {"tpu_flash"}
+
+
 def test_data_and_fsdp_meshes_give_the_same_loss_and_grads():
     params_a, loss_a, parts_a, grads_a = _loss_and_grads(
         tiny_config(**{"mesh.data": 8, "mesh.fsdp": 1}))
