@@ -27,8 +27,11 @@ def run_case(config: str, slice_name: str, batch_size: int, extra: list[str],
     cmd = [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / config}.py",
            "--compile_only", f"--topology={slice_name}",
            f"--config.global_batch_size={batch_size}", *extra]
+    # PYTHONPATH is extended, not replaced: libtpu may live in a folder of its own there (as the
+    # Makefile's .venv/libtpu does).
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               ALLOW_MULTIPLE_LIBTPU_LOAD="1", PYTHONPATH=str(REPO))
+               ALLOW_MULTIPLE_LIBTPU_LOAD="1", PYTHONPATH=python_path)
     start = time.perf_counter()
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
