@@ -1,8 +1,10 @@
-"""Train-step speed and memory of every model variant: attention x remat x scanned blocks.
+"""Train-step speed and memory of every model variant: attention x remat x scan x accumulation.
 
     python benchmarks/train_step.py                              # S/2 and B/2, 256px, batch 8
-    python benchmarks/train_step.py --variants=B/2 --steps=3 --json=/tmp/steps.json
+    python benchmarks/train_step.py --variants=B/2 --steps=3 --accum=1,2 --json=/tmp/steps.json
     python benchmarks/train_step.py --variants=XL/2 --batch_size=32 --dtype=bfloat16 --repa
+    python benchmarks/train_step.py --variants=XL/2 --batch_size=256 --repa \
+        --topology=v5e-16 --remat=none,full --scan=0,1     # TPU memory per chip, from this host
 
 The step is the trainer's own (`trainer.setup_step`: AdamW, EMA, the flow-matching loss, REPA
 when --repa; state donated, FSDP/data mesh from the default rules), built once per variant in one
@@ -13,6 +15,12 @@ ratios to the default variant (xla, remat none, unrolled) measured in the same r
 
 Attention variants: xla everywhere, tpu_flash on TPU, cudnn on GPU (bf16/fp16 only). With --repa
 the frozen DINOv2-B/14 is randomly initialised (same shapes and cost as the published one).
+--accum=1,2,4 adds optim.grad_accum_steps to the grid (the same update in N microbatches).
+
+--topology=SLICE (needs libtpu, not a TPU: `pip install -e ".[tpu]"`) compiles each variant for
+that TPU slice instead (`trainer.compile_only` on `jax.experimental.topologies` devices, the
+mesh chosen as train.py would) and prints memory per chip against the chip's HBM and the compile
+time; nothing runs, so there are no step times. Run it with JAX_PLATFORMS=cpu.
 """
 from __future__ import annotations
 
@@ -30,13 +38,14 @@ from flax import nnx
 from ddt_jax import config_schema
 from ddt_jax import flops as flops_lib
 from ddt_jax import sharding
+from ddt_jax import tpu_topology
 from ddt_jax import trainer
 from ddt_jax.models import ddt
 from ddt_jax.models import dinov2 as dinov2_lib
 
 GIB = 2.0 ** 30
 REMATS = ("none", "full", "dots_saveable")
-DEFAULT_VARIANT = ("xla", "none", False)
+DEFAULT_VARIANT = ("xla", "none", False, 1)   # attention, remat, scan, accumulation steps
 
 
 def attentions(dtype: str) -> list[str]:
@@ -50,7 +59,7 @@ def attentions(dtype: str) -> list[str]:
     return out
 
 
-def make_config(args, size: str, attention: str, remat: str, scan: bool):
+def make_config(args, size: str, attention: str, remat: str, scan: bool, accum: int = 1):
     c = config_schema.default_config()
     c.model.variant = size
     c.model.num_encoder_blocks = None            # the paper's split for the size
@@ -58,6 +67,7 @@ def make_config(args, size: str, attention: str, remat: str, scan: bool):
     c.model.dtype = args.dtype
     c.model.attention, c.model.remat, c.model.scan_blocks = attention, remat, scan
     c.global_batch_size = args.batch_size
+    c.optim.grad_accum_steps = accum
     c.data.source = "synthetic"
     c.data.image_size = args.image_size
     c.data.with_image = args.repa
@@ -106,9 +116,9 @@ def _xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def measure(args, size: str, attention: str, remat: str, scan: bool, dino) -> dict:
+def measure(args, size: str, attention: str, remat: str, scan: bool, accum: int, dino) -> dict:
     """Compiles and times one variant's train step."""
-    config = make_config(args, size, attention, remat, scan)
+    config = make_config(args, size, attention, remat, scan, accum)
     config_schema.validate_config(config, check_files=False)
     mesh = trainer.make_mesh(config)
     dinov2_graphdef, abstract_dino, dinov2_params = dino
@@ -136,7 +146,8 @@ def measure(args, size: str, attention: str, remat: str, scan: bool, dino) -> di
     tflops = analytic / step_s / devices / 1e12
     peak = flops_lib.peak_flops_per_device(jax.devices()[0], args.peak_tflops)
     return dict(
-        model=size, attention=attention, remat=remat, scan=scan, mesh=dict(mesh.shape),
+        model=size, attention=attention, remat=remat, scan=scan, accum=accum,
+        mesh=dict(mesh.shape),
         compile_s=compile_s, step_s=step_s, images_per_s=config.global_batch_size / step_s,
         tflops_per_device=tflops, mfu=None if peak is None else tflops * 1e12 / peak,
         analytic_tflop_per_step=analytic / 1e12,
@@ -146,21 +157,41 @@ def measure(args, size: str, attention: str, remat: str, scan: bool, dino) -> di
         loss=loss)
 
 
+def measure_on_topology(args, size: str, attention: str, remat: str, scan: bool, accum: int,
+                        devices) -> dict:
+    """Compiles one variant's train step for abstract TPU devices: memory per chip, no timing."""
+    config = make_config(args, size, attention, remat, scan, accum)
+    t0 = time.perf_counter()
+    report = trainer.compile_only(config, devices=devices)
+    compile_s = time.perf_counter() - t0
+    b = report.bytes_per_device
+    return dict(
+        model=size, attention=attention, remat=remat, scan=scan, accum=accum,
+        mesh=dict(report.setup.mesh.shape), compile_s=compile_s,
+        argument_gib=b["XLA arguments"] / GIB, temp_gib=b["XLA temporaries"] / GIB,
+        total_gib=report.total_bytes / GIB,
+        hbm_gib=None if report.memory_per_device is None else report.memory_per_device / GIB,
+        fits=report.fits, analytic_tflop_per_step=report.analytic_flops / 1e12)
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _variant(r: dict) -> tuple:
+    return r["attention"], r["remat"], r["scan"], r["accum"]
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| model | attention | remat | scan | compile s | step s | img/s | TFLOP/s/dev | MFU "
-            "| XLA TFLOP/dev | temp GiB | args GiB | speed x | temp x | compile x |")
+    head = ("| model | attention | remat | scan | accum | compile s | step s | img/s | TFLOP/s/dev "
+            "| MFU | XLA TFLOP/dev | temp GiB | args GiB | speed x | temp x | compile x |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    base = {r["model"]: r for r in rows if (r["attention"], r["remat"], r["scan"])
-            == DEFAULT_VARIANT}
+    base = {r["model"]: r for r in rows if _variant(r) == DEFAULT_VARIANT}
     for r in rows:
         b = base.get(r["model"])
         ratio = lambda num, den: None if b is None or not den else num / den
         lines.append(
-            f"| {r['model']} | {r['attention']} | {r['remat']} | {r['scan']} "
+            f"| {r['model']} | {r['attention']} | {r['remat']} | {r['scan']} | {r['accum']} "
             f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['images_per_s']:.2f} "
             f"| {r['tflops_per_device']:.4f} | {_fmt(r['mfu'], '.1%')} "
             f"| {_fmt(r['xla_tflop_per_device'], '.3f')} | {_fmt(r['temp_gib'], '.3f')} "
@@ -171,6 +202,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def topology_table(rows: list[dict], slice_name: str) -> str:
+    head = (f"| model | attention | remat | scan | accum | mesh ({slice_name}) | compile s "
+            "| args GiB/chip | temp GiB/chip | total GiB/chip | HBM GiB | fits |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        used = "" if r["hbm_gib"] is None else f" ({r['total_gib'] / r['hbm_gib']:.0%})"
+        fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "NO") + used
+        mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1) or "1 chip"
+        lines.append(
+            f"| {r['model']} | {r['attention']} | {r['remat']} | {r['scan']} | {r['accum']} "
+            f"| {mesh} | {r['compile_s']:.0f} | {r['argument_gib']:.2f} | {r['temp_gib']:.2f} "
+            f"| {r['total_gib']:.2f} | {_fmt(r['hbm_gib'], '.1f')} | {fits} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,7 +224,8 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=256, help="pixels (latents: / 8)")
     parser.add_argument("--batch_size", type=int, default=8, help="global batch")
     parser.add_argument("--dtype", default=None,
-                        help="compute dtype; default float32 on CPU, bfloat16 elsewhere")
+                        help="compute dtype; default float32 on CPU, bfloat16 elsewhere and for "
+                        "--topology")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repa", action="store_true", help="REPA on, random DINOv2-B/14")
@@ -186,37 +233,57 @@ def main() -> None:
                         help="attention kernels to try (default: those this backend runs)")
     parser.add_argument("--remat", default=",".join(REMATS))
     parser.add_argument("--scan", default="0,1", help="scan_blocks values: 0, 1 or both")
+    parser.add_argument("--accum", default="1", help="optim.grad_accum_steps values, e.g. 1,2,4")
+    parser.add_argument("--topology", default=None,
+                        help="compile for this TPU slice (e.g. v5e-16, v5p-128) instead of running")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="peak TFLOP/s per device for MFU (default: looked up by kind)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
-    args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    kernels = args.attention.split(",") if args.attention else attentions(args.dtype)
-    scans = [bool(int(s)) for s in args.scan.split(",")]
-    device = jax.devices()[0]
-    print(f"# {jax.device_count()} x {device.device_kind} ({jax.default_backend()}), jax "
-          f"{jax.__version__}; {args.image_size}px, batch {args.batch_size}, {args.dtype}, "
-          f"REPA {'on' if args.repa else 'off'}; median of {args.steps} steps after "
-          f"{args.warmup} warm-up", flush=True)
+    devices = tpu_topology.devices(args.topology) if args.topology else None
+    on_cpu = jax.default_backend() == "cpu" and devices is None
+    args.dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    if args.attention:
+        kernels = args.attention.split(",")
+    else:
+        kernels = ["xla", "tpu_flash"] if devices is not None else attentions(args.dtype)
+    scans = [bool(int(v)) for v in args.scan.split(",")]
+    accums = [int(v) for v in args.accum.split(",")]
+    where = (f"TPU {args.topology} ({tpu_topology.describe(devices)}), compile only"
+             if devices is not None else
+             f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    print(f"# {where}, jax {jax.__version__}; {args.image_size}px, batch {args.batch_size}, "
+          f"{args.dtype}, REPA {'on' if args.repa else 'off'}"
+          + ("" if devices is not None else
+             f"; median of {args.steps} steps after {args.warmup} warm-up"), flush=True)
     rows = []
     for size in args.variants.split(","):
-        default = make_config(args, size, *DEFAULT_VARIANT)
-        dino = (random_dinov2(default, trainer.make_mesh(default)) if args.repa
-                else (None, None, None))
-        for attention, remat, scan in itertools.product(kernels, args.remat.split(","), scans):
+        dino = (None, None, None)
+        if args.repa and devices is None:
+            default = make_config(args, size, *DEFAULT_VARIANT)
+            dino = random_dinov2(default, trainer.make_mesh(default))
+        grid = itertools.product(kernels, args.remat.split(","), scans, accums)
+        for attention, remat, scan, accum in grid:
             try:
-                row = measure(args, size, attention, remat, scan, dino)
+                if devices is not None:
+                    row = measure_on_topology(args, size, attention, remat, scan, accum, devices)
+                else:
+                    row = measure(args, size, attention, remat, scan, accum, dino)
             except Exception as e:  # noqa: BLE001 - report the variant and go on with the rest
-                print(f"# {size} {attention} {remat} scan={scan}: FAILED {type(e).__name__}: "
-                      f"{str(e)[:300]}", flush=True)
+                print(f"# {size} {attention} {remat} scan={scan} accum={accum}: FAILED "
+                      f"{type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             rows.append(row)
-            print(f"# {size} {attention:9} remat={remat:13} scan={scan!s:5} compile "
-                  f"{row['compile_s']:6.1f} s, step {row['step_s']:.3f} s, loss "
-                  f"{row['loss']:.4f}", flush=True)
-    print(table(rows))
-    print("speed x = default variant's step time / this one's; temp x = temporaries / the "
-          "default's; compile x likewise (default = xla, remat none, unrolled).")
+            done = (f"total {row['total_gib']:.2f} GiB/chip" if devices is not None else
+                    f"step {row['step_s']:.3f} s, loss {row['loss']:.4f}")
+            print(f"# {size} {attention:9} remat={remat:13} scan={scan!s:5} accum={accum} "
+                  f"compile {row['compile_s']:6.1f} s, {done}", flush=True)
+    if devices is not None:
+        print(topology_table(rows, args.topology))
+    else:
+        print(table(rows))
+        print("speed x = default variant's step time / this one's; temp x = temporaries / the "
+              "default's; compile x likewise (default = xla, remat none, unrolled, accum 1).")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
