@@ -50,8 +50,10 @@ flags.DEFINE_string("vae", _D.vae, "SD-VAE diffusers folder or weight file; defa
                     "vae.path; 'none' for a converted pixel-space model.")
 flags.DEFINE_bool("raw", _D.raw, "Sample the run's raw params instead of the EMA.")
 flags.DEFINE_integer("step", _D.step, "Checkpoint step of the run; default: the latest.")
-flags.DEFINE_string("dtype", _D.dtype, "Model compute dtype (float32 / bfloat16); default: the "
-                    "model config's.")
+flags.DEFINE_string("dtype", _D.dtype, "Model compute dtype (float32 / bfloat16; sets "
+                    "model.dtype); default: the model config's. The sampler state and its "
+                    "integration stay float32 (drift: benchmarks/sample_throughput.py "
+                    "--dtype_steps).")
 flags.DEFINE_integer("image_size", _D.image_size, "Model-input (latent) side, e.g. 64 for 512px; "
                      "default: the model config's.")
 flags.DEFINE_integer("num_samples", _D.num_samples, "Samples in the dump.")

@@ -23,6 +23,14 @@ four branches per step with `lax.switch`: steps that reuse the state really skip
 compile time does not grow with num_steps. `sample(..., skip_unused=False)` runs the official
 doubled-batch work at every step (for checking the above).
 
+The doubled batch [uncond, cond] is a new leading axis of size 2 that the model is vmapped over,
+with the cached encoder states stacked the same way as (2, B, tokens, hidden), not a concatenate
+along the batch axis: a batch sharded over devices stays on its devices (the compiled loop has no
+collectives), and what both halves share (x, t: the patch and timestep embeddings) runs once.
+
+The model's compute dtype (`config.model.dtype`, e.g. bfloat16) applies inside the model calls;
+the state x, the CFG combination and the integration stay float32.
+
 Numerics follow the official float32 torch code: the time grid is built in float32 as torch's
 linspace does on the GPU (its vectorised CPU kernel can differ by one ulp at a few points), the
 Adams time is the running float32 sum of the step widths as in the official loop, and the SDE score
@@ -35,7 +43,6 @@ import dataclasses
 import json
 import numbers
 import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -43,6 +50,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+
+from ddt_jax import files
 
 SOLVERS = ("euler", "sde", "sde_mean", "sde_preserve", "adams")
 SDE_SOLVERS = ("sde", "sde_mean", "sde_preserve")
@@ -321,63 +330,71 @@ def _make_plan(model, c: dict, *, skip_unused: bool, all_recompute: bool = False
 # ----------------------------------------------------------------------------------------------
 
 def _branches(graphdef, program: _Program, labels):
-    """One function per kind of step: (params, x, t, scale, s_u, s_c) -> (v, s_u, s_c)."""
-    b = labels.shape[0]
-    null = jnp.full((b,), program.null_class, labels.dtype)
-    labels2 = jnp.concatenate([null, labels])
+    """One function per kind of step: (params, x, t, scale, states) -> (v, states).
+
+    `states` is the cached encoder state: (2, B, tokens, hidden) over [uncond, cond] when some
+    step applies guidance, else (1, B, tokens, hidden) holding the conditional half alone; None
+    for the DiT baseline.
+    """
+    null = jnp.full_like(labels, program.null_class)
+    labels2 = jnp.stack([null, labels])   # (2, B): the CFG halves on a new leading axis
     decoupled = program.decoupled
 
-    def full_cfg(params, x, t, scale, s_u, s_c):
-        v2, s2 = nnx.merge(graphdef, params)(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                                             labels2)
-        u, c = v2[:b], v2[b:]
-        if decoupled:
-            s_u, s_c = s2[:b], s2[b:]
-        return u + scale * (c - u), s_u, s_c
+    def both_halves(params, x, t, s2=None):
+        # The doubled batch as a vmap over the new leading axis, not a concatenate along the
+        # batch: under a batch-sharded x a (2B,) concatenate puts rows on other devices than
+        # their samples (XLA then moves activations between devices at every step); here each
+        # half keeps x's layout. x and t are the same for both halves, so what depends on them
+        # alone (patch and timestep embeddings) runs once.
+        model = nnx.merge(graphdef, params)
+        return jax.vmap(lambda y, s: model(x, t, y, s=s))(labels2, s2)
 
-    def full_cond(params, x, t, scale, s_u, s_c):
+    def full_cfg(params, x, t, scale, states):
+        v2, s2 = both_halves(params, x, t)
+        u, c = v2[0], v2[1]
+        return u + scale * (c - u), (s2 if decoupled else states)
+
+    def full_cond(params, x, t, scale, states):
         v, s = nnx.merge(graphdef, params)(x, t, labels)
         # The unconditional half (if carried) goes stale: no step reads it before the next
         # recompute.
-        return v, s_u, (s if decoupled else s_c)
+        return v, (states.at[-1].set(s) if decoupled else states)
 
-    def dec_cfg(params, x, t, scale, s_u, s_c):
-        v2, _ = nnx.merge(graphdef, params)(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                                            labels2, s=jnp.concatenate([s_u, s_c]))
-        u, c = v2[:b], v2[b:]
-        return u + scale * (c - u), s_u, s_c
+    def dec_cfg(params, x, t, scale, states):
+        v2, _ = both_halves(params, x, t, states)
+        u, c = v2[0], v2[1]
+        return u + scale * (c - u), states
 
-    def dec_cond(params, x, t, scale, s_u, s_c):
-        v, _ = nnx.merge(graphdef, params)(x, t, labels, s=s_c)
-        return v, s_u, s_c
+    def dec_cond(params, x, t, scale, states):
+        v, _ = nnx.merge(graphdef, params)(x, t, labels, s=states[-1])
+        return v, states
 
     funcs = {FULL_CFG: full_cfg, FULL_COND: full_cond, DEC_CFG: dec_cfg, DEC_COND: dec_cond}
     return [funcs[m] for m in program.modes]
 
 
 def _run(graphdef, program: _Program, params, tables, noise, labels, key, step_noise):
-    x = noise.astype(jnp.float32)
+    x = noise.astype(jnp.float32)   # the state integrates in float32 whatever the model dtype
     b = x.shape[0]
     n = tables["t"].shape[0]
     branches = _branches(graphdef, program, labels)
 
-    s_u = s_c = None
+    states = None
     if program.decoupled:
         s_shape = jax.eval_shape(
             lambda p, x_: nnx.merge(graphdef, p)(x_, jnp.zeros((b,)), labels)[1], params, x)
-        s_c = jnp.zeros(s_shape.shape, s_shape.dtype)
-        if program.uncond_state:
-            s_u = jnp.zeros(s_shape.shape, s_shape.dtype)
+        halves = 2 if program.uncond_state else 1
+        states = jnp.zeros((halves,) + s_shape.shape, s_shape.dtype)
     hist = None
     if program.kind == "adams":
         hist = jnp.zeros((tables["coeffs"].shape[1],) + x.shape, jnp.float32)  # oldest first
 
     def step(carry, i):
-        x, s_u, s_c, hist = carry
+        x, states, hist = carry
         tab = {name: value[i] for name, value in tables.items()}
         dt = tab["dt"]
-        v, s_u, s_c = jax.lax.switch(tab["branch"], branches, params, x, jnp.full((b,), tab["t"]),
-                                     tab["scale"], s_u, s_c)
+        v, states = jax.lax.switch(tab["branch"], branches, params, x,
+                                   jnp.full((b,), tab["t"]), tab["scale"], states)
         if program.kind == "adams":
             hist = jnp.concatenate([hist[1:], v[None]])
             v = jnp.zeros_like(v)
@@ -393,11 +410,11 @@ def _run(graphdef, program: _Program, params, tables, noise, labels, key, step_n
                        if step_noise is not None
                        else jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32))
                 x_next = x_next + tab["noise_scale"] * eps
-        out = jnp.concatenate([s_u, s_c]) if program.collect_states else None
-        return (x_next, s_u, s_c, hist), out
+        return (x_next, states, hist), (states if program.collect_states else None)
 
-    (x, _, _, _), states = jax.lax.scan(step, (x, s_u, s_c, hist), jnp.arange(n))
-    return states if program.collect_states else x
+    (x, _, _), collected = jax.lax.scan(step, (x, states, hist), jnp.arange(n))
+    # collect_states: (num_steps, 2, B, tokens, hidden); calibrate flattens the halves.
+    return collected if program.collect_states else x
 
 
 _run_jit = jax.jit(_run, static_argnums=(0, 1))
@@ -522,7 +539,10 @@ def calibrate(model, noise, labels, config, key=None):
     if program.noisy and key is None:
         raise ValueError(f"solver {c['solver']!r} draws noise at every step: "
                          "pass key=jax.random.key(seed)")
-    return _execute(model, program, tables, noise, labels, key if program.noisy else None)
+    states = _execute(model, program, tables, noise, labels, key if program.noisy else None)
+    # (num_steps, 2, B, ...) -> (num_steps, 2B, ...) [uncond, cond], outside the loop: once per
+    # call, where the sampler itself never moves rows between devices.
+    return states.reshape((states.shape[0], -1) + states.shape[3:])
 
 
 def _cosine_similarity_matrix(states: np.ndarray, chunk_tokens: int = 4096) -> np.ndarray:
@@ -576,17 +596,23 @@ def solve_recompute_steps(states, num_recompute: int) -> list[int]:
 
 
 def save_schedule(path: str | os.PathLike, steps: Sequence[int]) -> None:
-    """Writes recompute steps as JSON ({"recompute_steps": [...]}) for sample.py --schedule."""
+    """Writes recompute steps as JSON ({"recompute_steps": [...]}) for sample.py --schedule.
+
+    Args:
+      path: the file (local or gs://), written atomically.
+      steps: increasing distinct step indices starting at 0.
+    """
     steps = [int(s) for s in steps]
     if not steps or steps[0] != 0 or sorted(set(steps)) != steps:
         raise ValueError("a schedule is increasing distinct step indices starting at 0, "
                          f"got {steps}")
-    pathlib.Path(path).write_text(json.dumps({"recompute_steps": steps}) + "\n")
+    files.atomic_write_text(path, json.dumps({"recompute_steps": steps}) + "\n")
 
 
 def load_schedule(path: str | os.PathLike) -> list[int]:
-    """Reads a schedule written by save_schedule; set it as config.recompute_steps."""
-    data = json.loads(pathlib.Path(path).read_text())
+    """Reads a schedule written by save_schedule (local or gs://); set it as
+    config.recompute_steps."""
+    data = json.loads(files.as_path(path).read_text())
     if not isinstance(data, dict) or "recompute_steps" not in data:
         raise ValueError(f"{path}: expected a JSON object with 'recompute_steps'")
     steps = data["recompute_steps"]

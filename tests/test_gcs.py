@@ -20,6 +20,7 @@ from etils import epath
 
 from configs import tiny
 from ddt_jax import checkpoint as checkpoint_lib
+from ddt_jax import sampler as sampler_lib
 from ddt_jax import sharding
 from ddt_jax import trainer
 from input_pipeline import pipeline
@@ -191,6 +192,14 @@ def test_gcs_run_killed_after_one_shard_resumes_to_the_same_records(
     assert info["shard_lengths"] == local_run[1]["shard_lengths"]
     assert info["skipped"] == local_run[1]["skipped"]
     _assert_same_as_local(os.fspath(out), local_run)
+
+
+def test_recompute_schedule_round_trips_through_gcs(gcs_dir):
+    """sample.py --calibrate --schedule=gs://... writes and later reads the same steps."""
+    path = os.fspath(gcs_dir / "schedules" / "k4.json")
+    sampler_lib.save_schedule(path, [0, 3, 7, 12])
+    assert sampler_lib.load_schedule(path) == [0, 3, 7, 12]
+    assert [p.name for p in (gcs_dir / "schedules").iterdir()] == ["k4.json"]   # no temp left
 
 
 def test_write_shards_to_gcs_stages_locally_and_reads_back(gcs_dir):

@@ -1,9 +1,13 @@
 """Sampler parity with the official PyTorch samplers, the recompute DP, the skipped CFG work,
-sharding and config checks.
+sharding (no activations moved between devices), bfloat16 compute, the throughput benchmark and
+config checks.
 """
+import importlib.util
 import itertools
 import json
 import math
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,7 @@ from ddt_jax.models import ddt
 from conftest import FIXTURES, OFFICIAL
 
 SAMPLER = FIXTURES / "sampler"
+REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE_TOL = 1e-4   # whole trajectories, float32 (PROVENANCE.md)
 SAME_TOL = 1e-5     # two of our own paths that must agree up to rounding
 CONFIG_KEYS = ("num_steps", "guidance", "guidance_interval_min", "guidance_interval_max",
@@ -233,6 +238,93 @@ def test_sde_key_draws_match_explicit_noise(tiny, batch8):
     np.testing.assert_allclose(np.asarray(x), np.asarray(explicit), atol=SAME_TOL, rtol=0)
     other = sampler_lib.sample(tiny, noise, labels, SHARDED_CONFIG, key=jax.random.key(8))
     assert np.abs(np.asarray(other) - np.asarray(x)).max() > 1e-2
+
+
+# A compiled collective op (also the async "-start" forms), as in `%all-to-all.7 = ... all-to-all(`.
+COLLECTIVE = re.compile(r"\b(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter|"
+                        r"collective-broadcast)(-start)?\(")
+
+
+def test_sharded_cfg_moves_no_activations_between_devices(tiny, batch8):
+    # The interval opens between two recomputes: all four kinds of step, CFG ones included.
+    config = dict(num_steps=6, guidance=2.0, guidance_interval_min=0.3, state_refresh_rate=2)
+    program, tables = sampler_lib._make_plan(tiny, sampler_lib.read_config(config),
+                                             skip_unused=True)
+    assert program.modes == (sampler_lib.FULL_CFG, sampler_lib.FULL_COND, sampler_lib.DEC_CFG,
+                             sampler_lib.DEC_COND)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    noise, labels = batch8
+    noise_s, labels_s = jax.device_put(noise, batch), jax.device_put(labels, batch)
+    graphdef, params = nnx.split(tiny)
+    tables = {k: jnp.asarray(v) for k, v in tables.items()}
+    with jax.set_mesh(mesh):   # traced under the mesh, as sample.py samples
+        hlo = sampler_lib._run_jit.lower(graphdef, program, params, tables, noise_s, labels_s,
+                                         None, None).compile().as_text()
+        sharded = sampler_lib.sample(tiny, noise_s, labels_s, config)
+        states = sampler_lib.calibrate(tiny, noise_s, labels_s, config)
+    # Samples are independent and the params replicated, so no step needs another device's rows.
+    # A (2B,) concatenate of the CFG halves did: it all-gathered t and all-to-all'ed x and the
+    # states at every step.
+    moved = [line.strip()[:160] for line in hlo.splitlines() if COLLECTIVE.search(line)]
+    assert not moved, moved
+    assert len(sharded.sharding.device_set) == 8
+    single = sampler_lib.sample(tiny, noise, labels, config)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=SAME_TOL, rtol=0)
+    single_states = sampler_lib.calibrate(tiny, noise, labels, config)
+    assert states.shape == single_states.shape == (6, 16, 64, 64)   # (steps, 2B, tokens, hidden)
+    np.testing.assert_allclose(np.asarray(states), np.asarray(single_states), atol=SAME_TOL,
+                               rtol=0)
+
+
+def test_bfloat16_compute_stays_close_and_integrates_in_float32(tiny, inputs):
+    bf16 = convert.load_ddt(OFFICIAL / "ddt_tiny.safetensors", num_encoder_blocks=3,
+                            use_ema=False, dtype="bfloat16")
+    config = dict(num_steps=10, state_refresh_rate=2)   # the official CFG settings otherwise
+    noise, labels = inputs
+    x32 = np.asarray(sampler_lib.sample(tiny, noise, labels, config), np.float64)
+    x16 = sampler_lib.sample(bf16, noise, labels, config)
+    assert x16.dtype == jnp.float32
+    rel = np.sqrt(np.mean((np.asarray(x16, np.float64) - x32) ** 2)) / x32.std()
+    # Far above float32 rounding (bf16 did run), far below the sample spread.
+    assert 1e-4 < rel < 0.05, rel
+    # The loop carries x in float32 even for bfloat16 noise and matmuls.
+    program, tables = sampler_lib._make_plan(bf16, sampler_lib.read_config(config),
+                                             skip_unused=True)
+    graphdef, params = nnx.split(bf16)
+    jaxpr = jax.make_jaxpr(sampler_lib._run, static_argnums=(0, 1))(
+        graphdef, program, params, {k: jnp.asarray(v) for k, v in tables.items()},
+        noise.astype(jnp.bfloat16), labels, None, None)
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    x_carry = scan.outvars[0].aval
+    assert x_carry.shape == noise.shape and x_carry.dtype == jnp.float32
+
+
+def test_throughput_benchmark_runs_and_projects(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "sample_throughput", REPO / "benchmarks" / "sample_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = tmp_path / "throughput.json"
+    results = bench.main(["--hidden_size=64", "--num_heads=4", "--num_blocks=2",
+                          "--num_encoder_blocks=1", "--image_size=8", "--batch_size=8",
+                          "--num_steps=2", "--repeats=1", f"--json={path}"])
+    rows = results["rows"]
+    assert [r["K"] for r in rows] == [1, 2, 4, 8]
+    for r in rows:
+        assert r["compile_s"] >= 0
+        for name in ("call_s", "images_per_s", "plan_fit", "projected_call_s",
+                     "projected_images_per_s", "dump_hours", "dump_device_hours",
+                     "speedup_measured", "speedup_projected"):
+            assert r[name] > 0 and math.isfinite(r[name]), (r["K"], name)
+        assert sum(r["counts_target"].values()) == 250 and sum(r["counts_measured"].values()) == 2
+    # Reuse skips encoder runs at 250 steps: fewer full steps, so more projected images/s.
+    assert rows[-1]["counts_target"]["enc+dec CFG"] < rows[0]["counts_target"]["enc+dec CFG"]
+    assert all(s > 0 for s in results["step_s"].values()) and len(results["step_s"]) == 4
+    table = [line for line in capsys.readouterr().out.splitlines()
+             if re.match(r"\| [1248] \|", line)]
+    assert len(table) == 4 and all(line.count("|") == 12 for line in table)
+    assert json.loads(path.read_text())["rows"][0]["K"] == 1
 
 
 def test_dit_baseline_samples_without_state(inputs):
