@@ -48,7 +48,15 @@ def row(config: str, slice_name: str, batch_size: int, text: str, seconds: float
     args = re.search(r"XLA arguments\s+([\d,\.]+) MiB", text)
     temps = re.search(r"XLA temporaries\s+([\d,\.]+) MiB", text)
     if not total:
-        reason = text.strip().splitlines()[-1][:120] if text.strip() else "no output"
+        # XLA's TPU out-of-memory error says how much the step needed: "the total memory
+        # required for HLO temporaries (152.15G) exceeds available HBM (15.75G)".
+        oom = re.search(r"required for HLO temporaries \(([\d.]+\w?)\) exceeds available HBM "
+                        r"\(([\d.]+\w?)\)", text)
+        if oom:
+            reason = (f"DOES NOT FIT: {oom.group(1)} of temporaries per chip, {oom.group(2)} "
+                      "HBM")
+        else:
+            reason = text.strip().splitlines()[-1][:120] if text.strip() else "no output"
         return f"| {config} | {slice_name} | {batch_size} | - | - | - | - | failed: {reason} |"
 
     def gib(m):

@@ -521,7 +521,19 @@ def compile_only(config: ml_collections.ConfigDict, *, devices=None, compile: bo
     if abstract_dino is not None:
         sizes["DINOv2 (frozen)"] = sharding.bytes_per_device(abstract_dino)
     sizes["batch"] = sharding.bytes_per_device(setup.abstract_batch)
-    compiled = compile_step(setup.lowered) if compile else None
+    try:
+        compiled = compile_step(setup.lowered) if compile else None
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # XLA refuses a program larger than the device (a TPU slice's HBM): say so with the fix.
+        device = mesh.devices.flat[0]
+        raise ValueError(
+            f"the train step does not fit on {mesh.size} x {device.device_kind} (mesh "
+            f"{dict(mesh.shape)}): {str(e).split('RESOURCE_EXHAUSTED: ')[-1].strip()} Use less "
+            "activation memory per chip: --config.model.remat=full (or dots_saveable) with "
+            "--config.model.scan_blocks=True, --config.optim.grad_accum_steps=N, a smaller "
+            "global_batch_size, or more chips") from None
     memory = compiled.memory_analysis() if compiled is not None else None
     if memory is not None:
         sizes.update({"XLA arguments": memory.argument_size_in_bytes,

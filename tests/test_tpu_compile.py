@@ -6,6 +6,7 @@ process tries to start a TPU backend); only the subprocess here has it on its pa
 """
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -50,3 +51,21 @@ def test_tiny_train_step_compiles_for_a_v5e_slice():
     assert "{'data': 4, 'fsdp': 1, 'tensor': 1}" in table   # tiny.py: data parallel
     assert "device memory" in table and "16,384.00 MiB: fits" in table
     assert "XLA temporaries" in table and "total (peak estimate)" in table
+
+
+def test_a_step_too_large_for_the_slice_is_a_clear_error():
+    """XLA's out-of-HBM refusal becomes one line with the numbers and the settings to change."""
+    if not (LIBTPU_DIR / "libtpu").is_dir():
+        pytest.fail(f"libtpu is not in {LIBTPU_DIR}: `make test` installs it there")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(LIBTPU_DIR)]))
+    out = subprocess.run(
+        ["timeout", "-s", "KILL", "300", sys.executable, "train.py", "--config=configs/tiny.py",
+         "--compile_only", "--topology=v5e-4", "--config.global_batch_size=1048576"],
+        cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr[-4000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the train step does not fit on 4 x TPU v5 lite"), last
+    assert re.search(r"HLO temporaries \(\d+\.\d+G\) exceeds available HBM \(15\.75G\)", last)
+    assert "--config.model.remat=full" in last and "grad_accum_steps" in last
+    assert "Traceback" not in out.stderr
