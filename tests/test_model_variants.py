@@ -245,6 +245,87 @@ def test_stack_unstack_round_trip_and_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# Matmul layouts: the row-major VJPs (the CPU default) against jax's autodiff (the previous path)
+
+def test_matmul_layout_resolution_and_config(monkeypatch):
+    assert ddt.default_model_config().matmul_layout == "auto"
+    assert layers.resolve_matmul_layout("auto") == "row_major"   # the tests run on CPU
+    assert layers.resolve_matmul_layout("xla") == "xla"
+    with pytest.raises(ValueError, match="model.matmul_layout must be one of"):
+        ddt.model_kwargs(ml_collections.ConfigDict({**model_config().to_dict(),
+                                                    "matmul_layout": "column_major"}))
+    old = model_config().to_dict()
+    del old["matmul_layout"]   # a config saved before the field existed
+    assert ddt.model_kwargs(ml_collections.ConfigDict(old))["matmul_layout"] == "auto"
+    for platform in ("gpu", "tpu"):
+        monkeypatch.setattr(layers, "_platform", lambda platform=platform: platform)
+        assert layers.resolve_matmul_layout("auto") == "xla"
+        assert layers.resolve_matmul_layout("row_major") == "row_major"
+
+
+@pytest.mark.parametrize("shape,features", [((2, 6, 8), 24), ((12, 24), 8), ((3, 5), 5)])
+def test_row_major_dense_gradients(shape, features):
+    """Both weight-gradient forms (transposing x, or dy when it is narrower) and 2-D/3-D x."""
+    x = jax.random.normal(jax.random.key(1), shape)
+    kernel = jax.random.normal(jax.random.key(2), (shape[-1], features))
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+
+    def loss(dot_general):
+        return lambda x, kernel: jnp.sum(jnp.sin(dot_general(x, kernel, dims)))
+
+    want = jax.value_and_grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, kernel)
+    got = jax.jit(jax.value_and_grad(loss(layers.row_major_dot_general), argnums=(0, 1)))(
+        x, kernel)
+    assert max_diff(got, want) < 1e-5
+    # Not the dense case (batch dims): plain dot_general, same values.
+    batched = (((2,), (1,)), ((0,), (0,)))
+    a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+    np.testing.assert_array_equal(layers.row_major_dot_general(a, b, batched),
+                                  jax.lax.dot_general(a, b, batched))
+    bf16 = layers.row_major_dot_general(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), dims)
+    assert bf16.dtype == jnp.bfloat16
+
+
+def test_row_major_attention_equals_xla():
+    q, k, v = (jax.random.normal(key, (2, 24, 3, 8))
+               for key in jax.random.split(jax.random.key(3), 3))
+
+    def loss(layout):
+        return lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(q, k, v, "xla",
+                                                                            layout)))
+
+    ref = layers.dot_product_attention(q, k, v, "xla", "xla")
+    out = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, "xla", "row_major"))(
+        q, k, v)
+    assert out.dtype == ref.dtype and max_diff(out, ref) < 1e-6
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss("row_major"), argnums=(0, 1, 2)))(q, k, v)
+    assert max_diff(got, want) < 1e-6
+    # bfloat16 keeps jax's own path (its f32 scores and casts), whatever the layout.
+    q16, k16, v16 = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    np.testing.assert_array_equal(
+        np.asarray(layers.dot_product_attention(q16, k16, v16, "xla", "row_major"), np.float32),
+        np.asarray(layers.dot_product_attention(q16, k16, v16, "xla", "xla"), np.float32))
+
+
+@pytest.mark.parametrize("arch,remat,scan", [("ddt", "none", False), ("ddt", "full", True),
+                                             ("ddt", "dots_saveable", False),
+                                             ("dit", "none", False)])
+def test_row_major_model_matches_xla_layout(arch, remat, scan):
+    """The whole model's outputs and gradients: the CPU default against the previous path."""
+    x, t, y = inputs()
+    want, want_grads = forward_and_grad(build(arch=arch, matmul_layout="xla"), x, t, y, 1)
+    model = build(arch=arch, remat=remat, scan_blocks=scan, matmul_layout="row_major")
+    got, grads = forward_and_grad(model, x, t, y, 1)
+    assert max_diff(got, want) < TOL * 10   # |v| ~ 10
+    assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
+    assert max_diff(grads, want_grads) < TOL
+    # Same params whatever the layout (one seed, one tree).
+    assert max_diff(nnx.state(build(arch=arch, matmul_layout="xla"), nnx.Param),
+                    nnx.state(build(arch=arch, matmul_layout="row_major"), nnx.Param)) == 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Converters and loaders read and write both layouts
 
 def assert_official_forward(model):

@@ -81,6 +81,7 @@ def _build_blocks(model, num_blocks: int, num_encoder_blocks: int, attention: st
 
     Both layouts create the same Blocks in the same order, so one seed gives the same weights.
     """
+    model.matmul_layout = kw["matmul_layout"]
     model.remat, model.scan_blocks = layers.check_remat(remat), bool(scan_blocks)
     model.attention = layers.check_attention(attention)
     blocks = [layers.Block(hidden_size, num_heads, mlp_ratio, attention=attention, **kw)
@@ -122,8 +123,8 @@ class DDT(nnx.Module):
     def __init__(self, *, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152,
                  num_heads: int = 16, num_blocks: int = 28, num_encoder_blocks: int = 22,
                  num_classes: int = 1000, mlp_ratio: float = 4.0, attention: str = "xla",
-                 remat: str = "none", scan_blocks: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 remat: str = "none", scan_blocks: bool = False, matmul_layout: str = "auto",
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if not 0 < num_encoder_blocks < num_blocks:
             raise ValueError("num_encoder_blocks must be in [1, num_blocks - 1] = "
                              f"[1, {num_blocks - 1}], got {num_encoder_blocks}")
@@ -132,10 +133,12 @@ class DDT(nnx.Module):
         self.num_encoder_blocks = num_encoder_blocks
         self.dtype = dtype
         patch_features = in_channels * patch_size * patch_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype,
+                  matmul_layout=layers.check_matmul_layout(matmul_layout), rngs=rngs)
         self.x_embedder = layers.PatchEmbed(patch_features, hidden_size, **kw)
         self.s_embedder = layers.PatchEmbed(patch_features, hidden_size, **kw)
-        self.t_embedder = layers.TimestepEmbedder(hidden_size, param_dtype=param_dtype, rngs=rngs)
+        self.t_embedder = layers.TimestepEmbedder(hidden_size, param_dtype=param_dtype,
+                                                  matmul_layout=matmul_layout, rngs=rngs)
         self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, param_dtype=param_dtype,
                                                rngs=rngs)
         _build_blocks(self, num_blocks, num_encoder_blocks, attention, remat, scan_blocks,
@@ -187,17 +190,19 @@ class DiT(nnx.Module):
     def __init__(self, *, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152,
                  num_heads: int = 16, num_blocks: int = 28, num_classes: int = 1000,
                  mlp_ratio: float = 4.0, attention: str = "xla", remat: str = "none",
-                 scan_blocks: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 scan_blocks: bool = False, matmul_layout: str = "auto", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
         self.num_heads, self.num_blocks, self.num_classes = num_heads, num_blocks, num_classes
         # Every block is an "encoder" block for feature_layer purposes.
         self.num_encoder_blocks = num_blocks
         self.dtype = dtype
         patch_features = in_channels * patch_size * patch_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype,
+                  matmul_layout=layers.check_matmul_layout(matmul_layout), rngs=rngs)
         self.x_embedder = layers.PatchEmbed(patch_features, hidden_size, **kw)
-        self.t_embedder = layers.TimestepEmbedder(hidden_size, param_dtype=param_dtype, rngs=rngs)
+        self.t_embedder = layers.TimestepEmbedder(hidden_size, param_dtype=param_dtype,
+                                                  matmul_layout=matmul_layout, rngs=rngs)
         self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, param_dtype=param_dtype,
                                                rngs=rngs)
         _build_blocks(self, num_blocks, num_blocks, attention, remat, scan_blocks, hidden_size,
@@ -233,8 +238,9 @@ class REPAProjector(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, projector_dim: int, out_dim: int = 768, *,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 dtype=jnp.float32, param_dtype=jnp.float32, matmul_layout: str = "auto",
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, matmul_layout=matmul_layout, rngs=rngs)
         self.linear_1 = layers.linear(hidden_size, projector_dim, ("embed", "mlp"), **kw)
         self.linear_2 = layers.linear(projector_dim, projector_dim, ("mlp", "embed"), **kw)
         self.linear_3 = layers.linear(projector_dim, out_dim, ("embed", "feature"), **kw)
@@ -276,6 +282,12 @@ def default_model_config() -> ml_collections.ConfigDict:
         # (B/2 256px bf16, batch 16 per TPU v5e chip, compiled: 1.9x the unrolled step's
         # temporaries; with remat "full" 0.24x).
         scan_blocks=False,
+        # How the dense layers' and float32 XLA attention's matmuls are written: "xla" (jax's
+        # autodiff as is: the previous code path), "row_major" (custom VJPs whose matmuls
+        # XLA:CPU runs in YNNPACK: the DDT-S/2 batch-8 train step on one CPU thread 1.7x faster,
+        # benchmarks/cpu_train_step.py), "auto" (row_major on CPU, else xla). Same values to
+        # float32 rounding, same params.
+        matmul_layout="auto",
     ))
 
 
@@ -291,11 +303,13 @@ def _size_or_default(config, name: str, default: int) -> int:
 
 
 def _speed_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """attention / remat / scan_blocks, checked; configs saved before these fields existed
-    (converted directories, old runs) get the defaults."""
+    """attention / remat / scan_blocks / matmul_layout, checked; configs saved before these
+    fields existed (converted directories, old runs) get the defaults."""
     defaults = default_model_config()
-    kw = {name: config.get(name, defaults[name]) for name in ("attention", "remat", "scan_blocks")}
-    for name, check in (("attention", layers.check_attention), ("remat", layers.check_remat)):
+    kw = {name: config.get(name, defaults[name])
+          for name in ("attention", "remat", "scan_blocks", "matmul_layout")}
+    for name, check in (("attention", layers.check_attention), ("remat", layers.check_remat),
+                        ("matmul_layout", layers.check_matmul_layout)):
         try:
             check(kw[name])
         except ValueError as e:

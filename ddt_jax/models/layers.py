@@ -18,12 +18,15 @@ hidden states' batch axis is constrained to the data-parallel axes (`constrain_b
 gathers weights rather than activations; without a mesh it is a no-op.
 
 Memory and speed knobs (model config): `attention` picks the attention kernel (XLA, cuDNN flash
-on GPU, the Pallas splash kernel on TPU), `remat` a jax.checkpoint policy applied per block.
+on GPU, the Pallas splash kernel on TPU), `remat` a jax.checkpoint policy applied per block,
+`matmul_layout` how the dense layers' and XLA attention's matmuls are written for the compiler
+("row_major": custom VJPs whose matmuls XLA:CPU runs in YNNPACK; the CPU default).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Sequence
 
@@ -48,6 +51,10 @@ ROPE_SCALE = 16.0  # positions span linspace(0, 16, side): resolution-normalised
 BATCH_AXES = ("data", "fsdp")
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "tpu_flash")
+# How the matmuls of the dense layers and of XLA attention are written ("matmul layouts" below):
+# "xla" as jax's autodiff emits them, "row_major" with custom VJPs whose every matmul is a
+# row-major (M, K) x (K, N) product, "auto" row_major when compiling for CPU, else xla.
+MATMUL_LAYOUTS = ("auto", "xla", "row_major")
 FLASH_DTYPES = (jnp.bfloat16, jnp.float16)   # what cuDNN's fused attention accepts
 # jax.checkpoint policy per block. "full" and "nothing_saveable" both keep only each block's
 # inputs; "dots_saveable" keeps every matmul output (with XLA attention that includes the f32
@@ -86,19 +93,107 @@ def torch_linear_bias_init(fan_in: int):
     return init
 
 
+# ----------------------------------------------------------------------------- matmul layouts
+#
+# XLA:CPU (jax 0.10) runs a dot in YNNPACK only when it is a row-major (M, K) x (K, N) product;
+# any other dot goes to a slower Eigen kernel, usually behind a transposing copy of an operand.
+# Autodiff's weight gradient of a dense layer, dW = x^T dy, contracts the leading (token) dim of
+# both operands, so all 78 of DDT-S/2's took that path: in a profiled value_and_grad (batch 8,
+# one thread) 2.5 s of Eigen dots and 0.9 s of copies out of 8.0 s of ops. "row_major" computes
+# dW from an explicitly transposed operand (the narrower one) behind an optimization barrier, so
+# XLA cannot fold the transpose back into the dot; attention gets the same treatment (below).
+# The S/2 train step: 5.56 -> 3.26 s of CPU time (1.71x; the official PyTorch eager step takes
+# 4.61 s on the same thread), benchmarks/cpu_train_step.py. Elsewhere "auto" keeps autodiff's.
+
+def check_matmul_layout(layout: str) -> str:
+    if layout not in MATMUL_LAYOUTS:
+        raise ValueError(f"matmul_layout must be one of {MATMUL_LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def resolve_matmul_layout(layout: str) -> str:
+    """"xla" or "row_major": what `layout` means on the platform being compiled for."""
+    if check_matmul_layout(layout) == "auto":
+        return "row_major" if _platform() == "cpu" else "xla"
+    return layout
+
+
+def _matmul(a, b, precision=None):
+    """a (M, K) @ b (K, N)."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision)
+
+
+def _transposed(a):
+    """a.T (2-D) as an array of its own: the barrier keeps XLA from folding it into a dot."""
+    return jax.lax.optimization_barrier(a.T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _row_major_dense(x, kernel, precision):
+    """x (..., K) @ kernel (K, N), as nnx.Linear's dot_general computes it."""
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _row_major_dense_fwd(x, kernel, precision):
+    return _row_major_dense(x, kernel, precision), (x, kernel)
+
+
+def _row_major_dense_bwd(precision, residuals, dy):
+    x, kernel = residuals
+    dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    if x2.shape[1] <= dy2.shape[1]:
+        dkernel = _matmul(_transposed(x2), dy2, precision)
+    else:   # (dy^T x)^T: the barrier stops XLA from turning it back into x^T dy
+        dkernel = jax.lax.optimization_barrier(_matmul(_transposed(dy2), x2, precision)).T
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_row_major_dense.defvjp(_row_major_dense_fwd, _row_major_dense_bwd)
+
+
+def _is_dense(lhs, rhs, dimension_numbers) -> bool:
+    return rhs.ndim == 2 and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
+
+
+def row_major_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                          preferred_element_type=None, out_sharding=None):
+    """jax.lax.dot_general whose dense-layer case (contract lhs's last dim with the 2-D rhs's
+    first) has the row-major VJP; any other contraction is jax.lax.dot_general itself."""
+    if (_is_dense(lhs, rhs, dimension_numbers) and preferred_element_type is None
+            and out_sharding is None):
+        return _row_major_dense(lhs, rhs, precision)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type,
+                               out_sharding=out_sharding)
+
+
+def auto_dot_general(lhs, rhs, dimension_numbers, **kwargs):
+    """`row_major_dot_general` when compiling for CPU, else jax.lax.dot_general (trace time)."""
+    row_major = resolve_matmul_layout("auto") == "row_major"
+    fn = row_major_dot_general if row_major else jax.lax.dot_general
+    return fn(lhs, rhs, dimension_numbers, **kwargs)
+
+
+# nnx.Linear's dot_general per matmul layout (module-level functions: stable graphdefs).
+DENSE_DOT_GENERALS = {"xla": jax.lax.dot_general, "row_major": row_major_dot_general,
+                      "auto": auto_dot_general}
+
+
 def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
            use_bias: bool = True, kernel_init=None, bias_init=None, dtype=jnp.float32,
-           param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+           param_dtype=jnp.float32, matmul_layout: str = "auto", rngs: nnx.Rngs) -> nnx.Linear:
     """nnx.Linear with torch-default init unless told otherwise, and logical axes on its params.
 
-    The kernel is (in, out): the transpose of torch's (out, in) weight.
+    The kernel is (in, out): the transpose of torch's (out, in) weight. `matmul_layout` (one of
+    MATMUL_LAYOUTS) picks its dot_general: same forward, same params, a different backward.
     """
     kernel_init = kernel_init or torch_linear_kernel_init()
     bias_init = bias_init or torch_linear_bias_init(in_features)
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=partitioned(kernel_init, axes), bias_init=partitioned(bias_init, (axes[1],)),
-        rngs=rngs)
+        dot_general=DENSE_DOT_GENERALS[check_matmul_layout(matmul_layout)], rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -271,12 +366,64 @@ def _splash_attention(q, k, v):
                          check_vma=False)(q, k, v)
 
 
-def dot_product_attention(q, k, v, implementation: str = "xla"):
+def _heads_first(a):
+    """(B, N, H, D) <-> (B, H, N, D)."""
+    return a.transpose(0, 2, 1, 3)
+
+
+def _bmm(a, b, contract_a: int, contract_b: int):
+    """Batched (over the two leading dims) matmul contracting a's and b's given dims (2 or 3)."""
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0, 1), (0, 1))))
+
+
+@jax.custom_vjp
+def _row_major_attention(q, k, v):
+    """float32 softmax attention of (B, N, H, D) q/k/v, heads-first (B, H, N, D) inside.
+
+    The forward computes what jax.nn.dot_product_attention's XLA path computes (scores scaled
+    after q k^T, jax.nn.softmax); the VJP keeps the probabilities, as jax's does, and uses
+    sum(P * dP) = rowsum(dO * O) for the softmax gradient. On one CPU thread at DDT-S/2's
+    shapes (8 x 256 tokens, 6 heads of 64) forward + backward take 70 ms against jax's 112 ms,
+    the forward 21 ms against 40 ms (jax's path, a vmap over (B, N, H, D) einsums, makes more
+    full passes over the N x N scores: copies, broadcasts and divides).
+    """
+    return _row_major_attention_fwd(q, k, v)[0]
+
+
+def _row_major_attention_fwd(q, k, v):
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), jnp.float32)
+    qt, kt, vt = _heads_first(q), _heads_first(k), _heads_first(v)   # B, H, N, D
+    probs = jax.nn.softmax(_bmm(qt, kt, 3, 3) * scale, axis=-1)    # B, H, N, N
+    out = _bmm(probs, vt, 3, 2)
+    return _heads_first(out), (qt, kt, vt, probs, out)
+
+
+def _row_major_attention_bwd(residuals, d_out):
+    qt, kt, vt, probs, out = residuals
+    scale = jnp.asarray(1.0 / math.sqrt(qt.shape[-1]), jnp.float32)
+    d_out = _heads_first(d_out)
+    dv = _bmm(probs, d_out, 2, 2)                                   # P^T dO
+    dp = _bmm(d_out, vt, 3, 3)                                      # dO V^T
+    ds = probs * (dp - jnp.sum(d_out * out, axis=-1, keepdims=True)) * scale
+    dq = _bmm(ds, kt, 3, 2)
+    # dv and dk contract the leading token dim (Eigen dots); computing them from transposed
+    # operands instead measured no faster (the copies cost what the dots save).
+    dk = _bmm(ds, qt, 2, 2)                                         # dS^T Q
+    return _heads_first(dq), _heads_first(dk), _heads_first(dv)
+
+
+_row_major_attention.defvjp(_row_major_attention_fwd, _row_major_attention_bwd)
+
+
+def dot_product_attention(q, k, v, implementation: str = "xla", matmul_layout: str = "xla"):
     """Softmax attention of (B, N, H, D) q/k/v, scale 1/sqrt(D), no mask, float32 softmax.
 
     Args:
       q, k, v: queries, keys and values of one dtype.
       implementation: one of ATTENTION_IMPLEMENTATIONS (see `resolve_attention`).
+      matmul_layout: one of MATMUL_LAYOUTS ("xla" here, "auto" in the models); "row_major"
+        computes float32 XLA attention heads-first with its own VJP: the same values to float32
+        rounding, a faster CPU forward and backward.
 
     Returns:
       (B, N, H, D) in q's dtype.
@@ -284,6 +431,9 @@ def dot_product_attention(q, k, v, implementation: str = "xla"):
     impl = resolve_attention(implementation, q.dtype)
     if impl == "tpu_flash":
         return _splash_attention(q, k, v)
+    if (impl == "xla" and q.dtype == jnp.float32
+            and resolve_matmul_layout(matmul_layout) == "row_major"):
+        return _row_major_attention(q, k, v)
     # jax's "xla" keeps the f32 scores for the backward pass; "cudnn" is the fused flash kernel.
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
@@ -306,12 +456,12 @@ class TimestepEmbedder(nnx.Module):
     Kept in float32: it conditions every block.
     """
 
-    def __init__(self, hidden_size: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        normal = nnx.initializers.normal(0.02)
-        self.mlp_in = linear(TIMESTEP_FREQ_CHANNELS, hidden_size, ("freq", "embed"),
-                             kernel_init=normal, param_dtype=param_dtype, rngs=rngs)
-        self.mlp_out = linear(hidden_size, hidden_size, ("mlp", "embed"), kernel_init=normal,
-                              param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, hidden_size: int, *, param_dtype=jnp.float32, matmul_layout: str = "auto",
+                 rngs: nnx.Rngs):
+        kw = dict(kernel_init=nnx.initializers.normal(0.02), param_dtype=param_dtype,
+                  matmul_layout=matmul_layout, rngs=rngs)
+        self.mlp_in = linear(TIMESTEP_FREQ_CHANNELS, hidden_size, ("freq", "embed"), **kw)
+        self.mlp_out = linear(hidden_size, hidden_size, ("mlp", "embed"), **kw)
 
     def __call__(self, t):
         return self.mlp_out(jax.nn.silu(self.mlp_in(timestep_frequencies(t))))
@@ -336,11 +486,11 @@ class PatchEmbed(nnx.Module):
     """Linear patch embedding over (C, p, p)-ordered patch features (xavier-uniform, zero bias)."""
 
     def __init__(self, patch_features: int, hidden_size: int, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, matmul_layout: str = "auto", rngs: nnx.Rngs):
         self.proj = linear(patch_features, hidden_size, ("patch", "embed"),
                            kernel_init=nnx.initializers.xavier_uniform(),
                            bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
-                           rngs=rngs)
+                           matmul_layout=matmul_layout, rngs=rngs)
 
     def __call__(self, x):
         return self.proj(x)
@@ -413,19 +563,20 @@ class RoPEAttention(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, attention: str = "xla",
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, param_dtype=jnp.float32, matmul_layout: str = "auto",
+                 rngs: nnx.Rngs):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.dtype = dtype
         self.attention = check_attention(attention)
-        self.qkv = linear(hidden_size, 3 * hidden_size, ("embed", "qkv"), use_bias=False,
-                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.matmul_layout = check_matmul_layout(matmul_layout)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, matmul_layout=matmul_layout, rngs=rngs)
+        self.qkv = linear(hidden_size, 3 * hidden_size, ("embed", "qkv"), use_bias=False, **kw)
         self.q_norm = RMSNorm(self.head_dim, param_dtype=param_dtype)
         self.k_norm = RMSNorm(self.head_dim, param_dtype=param_dtype)
-        self.proj = linear(hidden_size, hidden_size, ("heads", "embed"), dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
+        self.proj = linear(hidden_size, hidden_size, ("heads", "embed"), **kw)
 
     def __call__(self, x, rope_angles):
         b, n, c = x.shape
@@ -433,7 +584,7 @@ class RoPEAttention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # B, N, H, D
         q = apply_rope(self.q_norm(q), rope_angles)
         k = apply_rope(self.k_norm(k), rope_angles)
-        out = dot_product_attention(q, k, v.astype(q.dtype), self.attention)
+        out = dot_product_attention(q, k, v.astype(q.dtype), self.attention, self.matmul_layout)
         return self.proj(out.reshape(b, n, c))
 
 
@@ -444,9 +595,10 @@ class SwiGLU(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, mlp_ratio: float = 4.0, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, matmul_layout: str = "auto", rngs: nnx.Rngs):
         inner = int(2 * int(hidden_size * mlp_ratio) / 3)
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                  matmul_layout=matmul_layout, rngs=rngs)
         self.w1 = linear(hidden_size, inner, ("embed", "mlp"), **kw)
         self.w3 = linear(hidden_size, inner, ("embed", "mlp"), **kw)
         self.w2 = linear(inner, hidden_size, ("mlp", "embed"), **kw)
@@ -464,8 +616,8 @@ class Block(nnx.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *,
                  attention: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 matmul_layout: str = "auto", rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, matmul_layout=matmul_layout, rngs=rngs)
         self.norm1 = RMSNorm(hidden_size, param_dtype=param_dtype)
         self.attn = RoPEAttention(hidden_size, num_heads, attention=attention, **kw)
         self.norm2 = RMSNorm(hidden_size, param_dtype=param_dtype)
@@ -548,10 +700,10 @@ class FinalLayer(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, patch_features: int, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, matmul_layout: str = "auto", rngs: nnx.Rngs):
         zeros = nnx.initializers.zeros
         kw = dict(kernel_init=zeros, bias_init=zeros, dtype=dtype, param_dtype=param_dtype,
-                  rngs=rngs)
+                  matmul_layout=matmul_layout, rngs=rngs)
         self.adaLN_modulation = linear(hidden_size, 2 * hidden_size, ("embed", "mlp"), **kw)
         self.linear = linear(hidden_size, patch_features, ("embed", "patch"), **kw)
 

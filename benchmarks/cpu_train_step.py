@@ -1,0 +1,246 @@
+"""DDT-S/2 train step on one CPU thread: matmul layouts before/after, and the official model.
+
+    taskset -c 0 .venv/bin/python benchmarks/cpu_train_step.py
+    .venv/bin/python benchmarks/cpu_train_step.py --repeats=7 --official_repo=/tmp/DDT
+
+The trainer's own step (`trainer.setup_step`: flow-matching loss, AdamW, EMA; REPA off) of
+DDT-S/2 on 32x32x4 latents (256 tokens), batch 8, float32, once per `model.matmul_layout`:
+"xla" (jax's autodiff as is: the step before the row-major VJPs) and "row_major" (what "auto"
+picks on CPU). XLA runs on one thread (XLA_FLAGS set here, before the CPU client starts; the
+process is pinned to one core unless --no_pin). For each layout it times the forward (the loss),
+value_and_grad of the loss, and the whole step, the variants interleaved in every repeat so they
+share the machine's load; medians over the repeats. backward = value_and_grad - forward,
+optimizer + EMA = step - value_and_grad.
+
+--official_repo=PATH (a checkout of github.com/MCG-NJU/DDT) also times the official PyTorch model
+(src/models/denoiser/decoupled_improved_dit.py, the same sizes) in eager mode, one torch thread, in
+the same interleaved loop: forward under no_grad, and a step of forward, MSE loss, backward,
+AdamW and an EMA lerp.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import pathlib
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddt_jax import config_schema
+from ddt_jax import sharding
+from ddt_jax import trainer
+from ddt_jax.models import ddt
+
+ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+BEFORE, AFTER = "xla", "row_major"
+PARTS = ("forward", "value_and_grad", "step")
+
+
+def make_config(args, matmul_layout: str):
+    """As benchmarks/train_step.py: synthetic data, REPA off, xla attention, no remat."""
+    c = config_schema.default_config()
+    c.model.variant = args.variant
+    c.model.num_encoder_blocks = None            # the paper's split for the size
+    c.model.image_size = args.image_size // 8    # SD-VAE latents
+    c.model.dtype = "float32"
+    c.model.attention, c.model.remat, c.model.scan_blocks = "xla", "none", False
+    c.model.matmul_layout = matmul_layout
+    c.global_batch_size = args.batch_size
+    c.data.source = "synthetic"
+    c.data.image_size = args.image_size
+    c.data.with_image = False
+    c.repa.weight = 0.0
+    return c
+
+
+def random_batch(abstract_batch, num_classes: int, seed: int = 0):
+    """Arrays of the batch's shapes, dtypes and shardings (labels in range)."""
+    rng = np.random.default_rng(seed)
+
+    def one(name, a):
+        if name == "label":
+            host = rng.integers(0, num_classes, a.shape).astype(a.dtype)
+        else:
+            host = (0.5 * rng.standard_normal(a.shape)).astype(a.dtype)
+        return jax.device_put(host, a.sharding)
+
+    return {k: one(k, a) for k, a in abstract_batch.items()}
+
+
+class JaxVariant:
+    """One matmul layout's compiled step, loss and value_and_grad, and the state they run on."""
+
+    def __init__(self, args, matmul_layout: str):
+        self.name = matmul_layout
+        config = make_config(args, matmul_layout)
+        config_schema.validate_config(config, check_files=False)
+        mesh = trainer.make_mesh(config)
+        t0 = time.perf_counter()
+        setup = trainer.setup_step(config, mesh, None, None, need_data=False)
+        self.step_fn = setup.lowered.compile()
+        self.compile_s = time.perf_counter() - t0
+        self.state = trainer.init_train_state(config, setup.layout, setup.tx, jax.random.key(0))
+        self.batch = random_batch(setup.abstract_batch, config.model.num_classes)
+        self.positions = trainer.example_positions(
+            sharding.check_batch_size(config.global_batch_size, mesh), mesh)
+        loss_fn = trainer.make_loss_fn(config, setup.layout)
+        loss_args = (self.batch, self.positions, jnp.zeros((), jnp.int32), None)
+        with jax.set_mesh(mesh):
+            self.loss = jax.jit(loss_fn).lower(self.state.params, *loss_args).compile()
+            self.grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(
+                self.state.params, *loss_args).compile()
+        self.loss_args = loss_args
+        self.last_loss = None
+
+    def run(self, part: str) -> None:
+        if part == "forward":
+            jax.block_until_ready(self.loss(self.state.params, *self.loss_args))
+        elif part == "value_and_grad":
+            jax.block_until_ready(self.grad(self.state.params, *self.loss_args))
+        else:
+            self.state, metrics = self.step_fn(self.state, self.batch, self.positions, None)
+            jax.block_until_ready((self.state, metrics))
+            self.last_loss = float(metrics["loss"])
+
+
+class OfficialVariant:
+    """The official PyTorch DDT in eager mode, S/2 shapes, one torch thread."""
+
+    name = "official (torch eager)"
+
+    def __init__(self, args, repo: str):
+        import torch   # optional: only with --official_repo
+        torch.set_num_threads(1)
+        path = pathlib.Path(repo) / "src" / "models" / "denoiser" / "decoupled_improved_dit.py"
+        spec = importlib.util.spec_from_file_location("official_ddt", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = make_config(args, AFTER).model
+        kw = ddt.model_kwargs(config)   # the same sizes as ours
+        torch.manual_seed(0)
+        self.torch = torch
+        self.model = module.DDT(in_channels=kw["in_channels"], num_groups=kw["num_heads"],
+                                hidden_size=kw["hidden_size"], num_blocks=kw["num_blocks"],
+                                num_encoder_blocks=kw["num_encoder_blocks"],
+                                patch_size=kw["patch_size"], num_classes=kw["num_classes"])
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0)
+        side, b = config.image_size, args.batch_size
+        self.x = torch.randn(b, kw["in_channels"], side, side)
+        self.noise = torch.randn_like(self.x)
+        self.t = torch.rand(b)
+        self.y = torch.randint(0, kw["num_classes"], (b,))
+        self.compile_s = 0.0
+        self.last_loss = None
+
+    def run(self, part: str) -> None:
+        torch = self.torch
+        t = self.t[:, None, None, None]
+        x_t = t * self.x + (1 - t) * self.noise
+        if part == "forward":
+            with torch.no_grad():
+                self.model(x_t, self.t, self.y)
+            return
+        if part == "value_and_grad":
+            v, _ = self.model(x_t, self.t, self.y)
+            loss = ((v - (self.x - self.noise)) ** 2).mean()
+            self.opt.zero_grad()
+            loss.backward()
+            return
+        v, _ = self.model(x_t, self.t, self.y)
+        loss = ((v - (self.x - self.noise)) ** 2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p, 1e-4)
+        self.last_loss = float(loss.detach())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="S/2")
+    parser.add_argument("--image_size", type=int, default=256, help="pixels (latents: / 8)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--layouts", default=f"{BEFORE},{AFTER}",
+                        help="model.matmul_layout values, the first one the baseline")
+    parser.add_argument("--official_repo", default=None,
+                        help="a checkout of MCG-NJU/DDT: also time its PyTorch model")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1: one XLA thread and one core; 0: leave XLA and affinity alone")
+    parser.add_argument("--no_pin", action="store_true", help="do not pin to one core")
+    args = parser.parse_args()
+    if args.threads == 1:
+        # Read when the CPU client starts (the first device query below), not at import.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ONE_THREAD_FLAGS)
+        if not args.no_pin and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    print(f"# {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
+          f"{args.variant}, {args.image_size}px ({args.image_size // 8}^2 latents), batch "
+          f"{args.batch_size}, float32, REPA off; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up", flush=True)
+    variants = []
+    for layout in args.layouts.split(","):
+        variants.append(JaxVariant(args, layout))
+        print(f"# {layout}: compiled in {variants[-1].compile_s:.1f} s", flush=True)
+    if args.official_repo:
+        variants.append(OfficialVariant(args, args.official_repo))
+    # Wall time, and the process's CPU time (user + system: page faults of fresh temporaries
+    # count), which other jobs on the machine disturb much less than the wall clock.
+    wall = {(v.name, p): [] for v in variants for p in PARTS}
+    cpu = {(v.name, p): [] for v in variants for p in PARTS}
+    for r in range(args.warmup + args.repeats):
+        for part in PARTS:
+            for v in variants:
+                t0, c0 = time.perf_counter(), cpu_seconds()
+                v.run(part)
+                if r >= args.warmup:
+                    wall[(v.name, part)].append(time.perf_counter() - t0)
+                    cpu[(v.name, part)].append(cpu_seconds() - c0)
+        if r >= args.warmup:
+            print(f"# round {r + 1 - args.warmup}: " + ", ".join(
+                f"{v.name} step {wall[(v.name, 'step')][-1]:.2f} s "
+                f"(CPU {cpu[(v.name, 'step')][-1]:.2f} s)" for v in variants), flush=True)
+    for title, times in (("wall-clock", wall), ("CPU time (user + system)", cpu)):
+        print(f"\n{title}, median of {args.repeats} rounds:")
+        print(table(variants, {k: statistics.median(v) for k, v in times.items()}))
+    names = [v.name for v in variants]
+    for title, times in (("wall", wall), ("CPU", cpu)):
+        med = {k: statistics.median(v) for k, v in times.items()}
+        line = [f"{title}: {AFTER} step {med[(AFTER, 'step')]:.3f} s" if AFTER in names else ""]
+        if AFTER in names and names[0] != AFTER:
+            line.append(f"{med[(names[0], 'step')] / med[(AFTER, 'step')]:.2f}x the speed of "
+                        f"{names[0]} (before)")
+        if OfficialVariant.name in names and AFTER in names:
+            line.append(f"{med[(OfficialVariant.name, 'step')] / med[(AFTER, 'step')]:.2f}x the "
+                        "official's")
+        print(", ".join(x for x in line if x))
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def table(variants, med: dict) -> str:
+    base = variants[0].name
+    lines = ["| variant | forward s | backward s | value_and_grad s | optimizer+EMA s | step s "
+             f"| step speed vs {base} |", "|---|---|---|---|---|---|---|"]
+    for v in variants:
+        f, g, s = (med[(v.name, p)] for p in PARTS)
+        lines.append(f"| {v.name} | {f:.3f} | {g - f:.3f} | {g:.3f} | {s - g:.3f} | {s:.3f} "
+                     f"| {med[(base, 'step')] / s:.2f}x |")
+    return "\n".join(lines)
+
+if __name__ == "__main__":
+    main()
