@@ -58,6 +58,10 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for mu
                     "outside clusters JAX detects itself.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer("heartbeat_timeout", sharding.HEARTBEAT_TIMEOUT_SECONDS, "Multi-process "
+                     "runs: seconds without a heartbeat after which a process counts as dead and "
+                     "every process stops with an error (instead of waiting in a collective).",
+                     lower_bound=1)
 flags.DEFINE_list("allow_config_change", [], "Config fields (or sections, e.g. model) that may "
                   "differ from the saved config.json of the run being resumed.")
 flags.mark_flags_as_required(["config"])
@@ -136,7 +140,8 @@ def main(argv):
     console.quiet_library_logs()
     # Before anything touches a JAX backend: jax.distributed.initialize must come first.
     sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id)
+                                  FLAGS.process_id,
+                                  heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
     logging.info("JAX process %d of %d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].device_kind)
