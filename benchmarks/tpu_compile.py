@@ -2,6 +2,8 @@
 
     python benchmarks/tpu_compile.py                                   # the BENCHMARKS.md table
     python benchmarks/tpu_compile.py --configs=xl_256 --slices=v5e-16 --batch_size=256
+    python benchmarks/tpu_compile.py --configs=xl_512 --slices=v5e-16 \
+        --config.model.remat=full --config.model.scan_blocks=True   # other flags: to train.py
 
 Needs libtpu (`pip install -e ".[tpu]"`), not a TPU. Each (config, slice) compiles in its own
 process (`train.py --compile_only --topology=...`), so one that fails to compile or runs this
@@ -74,14 +76,14 @@ def main() -> None:
     parser.add_argument("--slices", default="v5e-16,v5e-256,v5p-128,v4-256")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per case")
-    parser.add_argument("extra", nargs="*", help="more train.py flags, e.g. --config.repa.weight=0")
-    args = parser.parse_args()
+    # Any other flag goes to train.py as is (argparse's nargs="*" positional would refuse them).
+    args, extra = parser.parse_known_args()
     print("| config | slice | batch | mesh | GiB/chip: arguments + temporaries | GiB/chip total "
           "| HBM GiB | fits (compile time) |")
     print("|---|---|---|---|---|---|---|---|")
     for config in args.configs.split(","):
         for slice_name in args.slices.split(","):
-            text, seconds = run_case(config, slice_name, args.batch_size, args.extra,
+            text, seconds = run_case(config, slice_name, args.batch_size, extra,
                                      args.timeout)
             print(row(config, slice_name, args.batch_size, text, seconds), flush=True)
 
