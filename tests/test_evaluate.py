@@ -9,6 +9,7 @@ The network is the Inception fixture (tests/fixtures/inception/: seeded weights 
 its recipe) on 32x32 images: one input shape, so each mesh compiles it once (~5 s on 2 cores); a
 forward costs ~0.25 s per image here, so the files hold about ten images each.
 """
+import functools
 import importlib.util
 import json
 import os
@@ -103,6 +104,7 @@ def fake_frechet(monkeypatch):
     return spy
 
 
+@functools.cache   # evaluate.py defines absl flags: one module per test session
 def load_cli():
     spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
     module = importlib.util.module_from_spec(spec)
