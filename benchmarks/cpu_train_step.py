@@ -30,12 +30,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddt_jax import config_schema
 from ddt_jax import sharding
 from ddt_jax import trainer
 from ddt_jax.models import ddt
+
+import train_step as train_step_benchmark   # benchmarks/ (the script's own folder)
 
 ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 BEFORE, AFTER = "xla", "row_major"
@@ -59,20 +60,6 @@ def make_config(args, matmul_layout: str):
     return c
 
 
-def random_batch(abstract_batch, num_classes: int, seed: int = 0):
-    """Arrays of the batch's shapes, dtypes and shardings (labels in range)."""
-    rng = np.random.default_rng(seed)
-
-    def one(name, a):
-        if name == "label":
-            host = rng.integers(0, num_classes, a.shape).astype(a.dtype)
-        else:
-            host = (0.5 * rng.standard_normal(a.shape)).astype(a.dtype)
-        return jax.device_put(host, a.sharding)
-
-    return {k: one(k, a) for k, a in abstract_batch.items()}
-
-
 class JaxVariant:
     """One matmul layout's compiled step, loss and value_and_grad, and the state they run on."""
 
@@ -86,7 +73,8 @@ class JaxVariant:
         self.step_fn = setup.lowered.compile()
         self.compile_s = time.perf_counter() - t0
         self.state = trainer.init_train_state(config, setup.layout, setup.tx, jax.random.key(0))
-        self.batch = random_batch(setup.abstract_batch, config.model.num_classes)
+        self.batch = train_step_benchmark.random_batch(setup.abstract_batch,
+                                                       config.model.num_classes)
         self.positions = trainer.example_positions(
             sharding.check_batch_size(config.global_batch_size, mesh), mesh)
         loss_fn = trainer.make_loss_fn(config, setup.layout)
