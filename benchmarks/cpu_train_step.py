@@ -14,16 +14,13 @@ optimizer + EMA = step - value_and_grad.
 
 --official_repo=PATH (a checkout of github.com/MCG-NJU/DDT) also times the official PyTorch model
 (src/models/denoiser/decoupled_improved_dit.py, the same sizes) in eager mode, one torch thread, in
-the same interleaved loop: forward under no_grad, and a step of forward, MSE loss, backward,
-AdamW and an EMA lerp.
+the same interleaved loop (benchmarks/official_train_step.py: forward under no_grad, and a step of
+forward, MSE loss, backward, AdamW and the EMA update).
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib.util
 import os
-import pathlib
 import resource
 import statistics
 import time
@@ -34,9 +31,9 @@ import jax.numpy as jnp
 from ddt_jax import config_schema
 from ddt_jax import sharding
 from ddt_jax import trainer
-from ddt_jax.models import ddt
 
-import train_step as train_step_benchmark   # benchmarks/ (the script's own folder)
+import official_train_step   # benchmarks/ (the script's own folder)
+import train_step as train_step_benchmark
 
 ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 BEFORE, AFTER = "xla", "row_major"
@@ -98,58 +95,18 @@ class JaxVariant:
 
 
 class OfficialVariant:
-    """The official PyTorch DDT in eager mode, S/2 shapes, one torch thread."""
+    """The official PyTorch DDT in eager mode on one torch thread (official_train_step.py)."""
 
     name = "official (torch eager)"
 
     def __init__(self, args, repo: str):
-        import torch   # optional: only with --official_repo
-        torch.set_num_threads(1)
-        path = pathlib.Path(repo) / "src" / "models" / "denoiser" / "decoupled_improved_dit.py"
-        spec = importlib.util.spec_from_file_location("official_ddt", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = make_config(args, AFTER).model
-        kw = ddt.model_kwargs(config)   # the same sizes as ours
-        torch.manual_seed(0)
-        self.torch = torch
-        self.model = module.DDT(in_channels=kw["in_channels"], num_groups=kw["num_heads"],
-                                hidden_size=kw["hidden_size"], num_blocks=kw["num_blocks"],
-                                num_encoder_blocks=kw["num_encoder_blocks"],
-                                patch_size=kw["patch_size"], num_classes=kw["num_classes"])
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0)
-        side, b = config.image_size, args.batch_size
-        self.x = torch.randn(b, kw["in_channels"], side, side)
-        self.noise = torch.randn_like(self.x)
-        self.t = torch.rand(b)
-        self.y = torch.randint(0, kw["num_classes"], (b,))
+        self.step = official_train_step.OfficialStep(
+            repo, args.variant, args.image_size, args.batch_size, device="cpu",
+            dtype="float32", threads=1)
         self.compile_s = 0.0
-        self.last_loss = None
 
     def run(self, part: str) -> None:
-        torch = self.torch
-        t = self.t[:, None, None, None]
-        x_t = t * self.x + (1 - t) * self.noise
-        if part == "forward":
-            with torch.no_grad():
-                self.model(x_t, self.t, self.y)
-            return
-        if part == "value_and_grad":
-            v, _ = self.model(x_t, self.t, self.y)
-            loss = ((v - (self.x - self.noise)) ** 2).mean()
-            self.opt.zero_grad()
-            loss.backward()
-            return
-        v, _ = self.model(x_t, self.t, self.y)
-        loss = ((v - (self.x - self.noise)) ** 2).mean()
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p, 1e-4)
-        self.last_loss = float(loss.detach())
+        self.step.run(part)
 
 
 def main() -> None:
