@@ -17,6 +17,11 @@ Attention variants: xla everywhere, tpu_flash on TPU, cudnn on GPU (bf16/fp16 on
 the frozen DINOv2-B/14 is randomly initialised (same shapes and cost as the published one).
 --accum=1,2,4 adds optim.grad_accum_steps to the grid (the same update in N microbatches).
 
+--official_repo=PATH (a checkout of github.com/MCG-NJU/DDT) first times the official PyTorch DDT's
+step on the same shapes, batch and dtype (benchmarks/official_train_step.py, in a subprocess that
+runs before JAX takes the accelerator; REPA off there) for each of --official_modes (eager, torch
+compile), and ends with its rows and our fastest variant's speed against each.
+
 --topology=SLICE (needs libtpu, not a TPU: `pip install -e ".[tpu]"`) compiles each variant for
 that TPU slice instead (`trainer.compile_only` on `jax.experimental.topologies` devices, the
 mesh chosen as train.py would) and prints memory per chip against the chip's HBM and the compile
@@ -27,7 +32,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import pathlib
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -42,6 +51,8 @@ from ddt_jax import tpu_topology
 from ddt_jax import trainer
 from ddt_jax.models import ddt
 from ddt_jax.models import dinov2 as dinov2_lib
+
+import official_train_step   # benchmarks/ (the script's own folder)
 
 GIB = 2.0 ** 30
 REMATS = ("none", "full", "dots_saveable")
@@ -63,6 +74,9 @@ def make_config(args, size: str, attention: str, remat: str, scan: bool, accum: 
     c = config_schema.default_config()
     c.model.variant = size
     c.model.num_encoder_blocks = None            # the paper's split for the size
+    for name in official_train_step.SIZE_FLAGS:  # overrides of the size's (tests: tiny models)
+        if getattr(args, name, None) is not None:
+            c.model[name] = getattr(args, name)
     c.model.image_size = args.image_size // 8    # SD-VAE latents
     c.model.dtype = args.dtype
     c.model.attention, c.model.remat, c.model.scan_blocks = attention, remat, scan
@@ -154,7 +168,15 @@ def measure(args, size: str, attention: str, remat: str, scan: bool, accum: int,
         xla_tflop_per_device=(None if (x := _xla_flops(compiled)) is None else x / 1e12),
         temp_gib=None if memory is None else memory.temp_size_in_bytes / GIB,
         argument_gib=None if memory is None else memory.argument_size_in_bytes / GIB,
+        total_gib=None if memory is None else compiled_total_bytes(memory) / GIB,
         loss=loss)
+
+
+def compiled_total_bytes(memory) -> int:
+    """Arguments + outputs + temporaries - what outputs alias (the donated state): the
+    executable's footprint per device, the number to hold against the device's memory."""
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
 
 def measure_on_topology(args, size: str, attention: str, remat: str, scan: bool, accum: int,
@@ -182,23 +204,102 @@ def _variant(r: dict) -> tuple:
     return r["attention"], r["remat"], r["scan"], r["accum"]
 
 
+def baselines(rows: list[dict]) -> dict:
+    """Each model's baseline row: the default variant (xla, remat none, unrolled, accum 1) when
+    the grid has it, else the model's first row."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["model"], r)
+        if _variant(r) == DEFAULT_VARIANT:
+            out[r["model"]] = r
+    return out
+
+
 def table(rows: list[dict]) -> str:
     head = ("| model | attention | remat | scan | accum | compile s | step s | img/s | TFLOP/s/dev "
-            "| MFU | XLA TFLOP/dev | temp GiB | args GiB | speed x | temp x | compile x |")
+            "| MFU | XLA TFLOP/dev | temp GiB | args GiB | total GiB | speed x | temp x "
+            "| compile x |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    base = {r["model"]: r for r in rows if _variant(r) == DEFAULT_VARIANT}
+    base = baselines(rows)
     for r in rows:
-        b = base.get(r["model"])
-        ratio = lambda num, den: None if b is None or not den else num / den
+        b = base[r["model"]]
+        ratio = lambda num, den: None if not den else num / den
         lines.append(
             f"| {r['model']} | {r['attention']} | {r['remat']} | {r['scan']} | {r['accum']} "
             f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['images_per_s']:.2f} "
             f"| {r['tflops_per_device']:.4f} | {_fmt(r['mfu'], '.1%')} "
             f"| {_fmt(r['xla_tflop_per_device'], '.3f')} | {_fmt(r['temp_gib'], '.3f')} "
-            f"| {_fmt(r['argument_gib'], '.3f')} "
-            f"| {_fmt(ratio(b['step_s'], r['step_s']) if b else None, '.2f')} "
-            f"| {_fmt(ratio(r['temp_gib'] or 0, b['temp_gib']) if b else None, '.2f')} "
-            f"| {_fmt(ratio(r['compile_s'], b['compile_s']) if b else None, '.2f')} |")
+            f"| {_fmt(r['argument_gib'], '.3f')} | {_fmt(r.get('total_gib'), '.3f')} "
+            f"| {_fmt(ratio(b['step_s'], r['step_s']), '.2f')} "
+            f"| {_fmt(ratio(r['temp_gib'] or 0, b['temp_gib']), '.2f')} "
+            f"| {_fmt(ratio(r['compile_s'], b['compile_s']), '.2f')} |")
+    return "\n".join(lines)
+
+
+def run_official(args, size: str, mode: str) -> dict | None:
+    """official_train_step.py for `size` in `mode` (eager | compile), in a subprocess with JAX
+    kept off the accelerator; its result, or None (printed) when it failed."""
+    script = pathlib.Path(__file__).with_name("official_train_step.py")
+    cmd = [sys.executable, str(script), f"--official_repo={args.official_repo}",
+           f"--variant={size}", f"--image_size={args.image_size}",
+           f"--batch_size={args.batch_size}", f"--dtype={args.dtype or 'auto'}",
+           f"--steps={args.steps}", f"--warmup={max(args.warmup, 2)}"]
+    cmd += [f"--{name}={getattr(args, name)}" for name in official_train_step.SIZE_FLAGS
+            if getattr(args, name) is not None]
+    if mode == "compile":
+        cmd.append("--compile")
+    repo_root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [repo_root,
+                                                        os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=args.official_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"# official {size} {mode}: FAILED (no result in {args.official_timeout} s)",
+              flush=True)
+        return None
+    for line in proc.stdout.splitlines():
+        if line.startswith(official_train_step.JSON_PREFIX):
+            result = json.loads(line[len(official_train_step.JSON_PREFIX):])
+            result["wall_s"] = time.perf_counter() - t0
+            result["analytic_tflop_per_step"] = official_flops(size, args) / 1e12
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    print(f"# official {size} {mode}: FAILED (exit {proc.returncode}): " + " / ".join(tail),
+          flush=True)
+    return None
+
+
+def official_flops(size: str, args) -> float:
+    """Analytic FLOPs of the official step: ours with REPA off (the same model and batch)."""
+    sizes_only = argparse.Namespace(**{**vars(args), "dtype": "float32", "repa": False})
+    model = make_config(sizes_only, size, *DEFAULT_VARIANT).model   # FLOPs do not see dtype
+    tokens = (model.image_size // ddt.parse_variant(model.variant)[1]) ** 2
+    return flops_lib.train_step_flops(
+        batch=args.batch_size, model_forward=trainer.model_forward_flops(model, tokens),
+        projector_forward=0.0, dinov2_forward=0.0)
+
+
+def official_table(official: list[dict], rows: list[dict], peak_tflops: float | None) -> str:
+    """The official rows and, for each, our fastest variant of that model against it."""
+    head = ("| model | official | step s | img/s | TFLOP/s | MFU | peak GiB | forward s "
+            "| our fastest variant | its step s | ours x official |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for o in official:
+        tflops = o["analytic_tflop_per_step"] / o["step_s"]
+        mfu = None if peak_tflops is None else tflops / peak_tflops
+        ours = [r for r in rows if r["model"] == o["model"]]
+        best = min(ours, key=lambda r: r["step_s"]) if ours else None
+        variant = "-" if best is None else " ".join(
+            f"{k}={best[k]}" for k in ("attention", "remat", "scan", "accum"))
+        lines.append(
+            f"| {o['model']} | {o['name']} | {o['step_s']:.3f} | {o['images_per_s']:.2f} "
+            f"| {tflops:.4f} | {_fmt(mfu, '.1%')} | {_fmt(o['peak_gib'], '.2f')} "
+            f"| {o['forward_s']:.3f} | {variant} "
+            f"| {_fmt(None if best is None else best['step_s'], '.3f')} "
+            f"| {_fmt(None if best is None else o['step_s'] / best['step_s'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -217,10 +318,21 @@ def topology_table(rows: list[dict], slice_name: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Runs the benchmark and prints its tables.
+
+    Args:
+      argv: command-line arguments (None: sys.argv[1:]).
+
+    Returns:
+      {"rows": one dict per variant measured, "official": the official runs' results}.
+    """
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="S/2,B/2", help="model sizes, comma-separated")
+    for name in official_train_step.SIZE_FLAGS:
+        parser.add_argument(f"--{name}", type=int, default=None,
+                            help="override the sizes' (e.g. tiny models for a quick check)")
     parser.add_argument("--image_size", type=int, default=256, help="pixels (latents: / 8)")
     parser.add_argument("--batch_size", type=int, default=8, help="global batch")
     parser.add_argument("--dtype", default=None,
@@ -238,8 +350,35 @@ def main() -> None:
                         help="compile for this TPU slice (e.g. v5e-16, v5p-128) instead of running")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="peak TFLOP/s per device for MFU (default: looked up by kind)")
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
-    args = parser.parse_args()
+    parser.add_argument("--also", default="",
+                        help="variants run before the grid, ATTENTION:REMAT:SCAN:ACCUM each, "
+                        "comma-separated; e.g. xla:none:0:1 (the ratios' baseline)")
+    parser.add_argument("--only", default="",
+                        help="run just these ATTENTION:REMAT:SCAN:ACCUM variants, in this order "
+                        "(no grid)")
+    parser.add_argument("--official_repo", default=None,
+                        help="a checkout of MCG-NJU/DDT: also time its PyTorch step")
+    parser.add_argument("--official_modes", default="eager,compile",
+                        help="official runs: eager, compile (torch.compile) or both")
+    parser.add_argument("--official_timeout", type=float, default=None,
+                        help="seconds each official run may take (default: no limit)")
+    parser.add_argument("--json", default=None,
+                        help="write the rows here (rewritten after every variant, so a run "
+                        "stopped early keeps what it measured)")
+    args = parser.parse_args(argv)
+    extra = [parse_variant(v) for v in (args.only or args.also).split(",") if v]
+    official = []
+    if args.official_repo and not args.topology:
+        # Before anything asks JAX for a device: JAX would claim most of the GPU's memory.
+        for size in args.variants.split(","):
+            for mode in args.official_modes.split(","):
+                result = run_official(args, size, mode)
+                if result is not None:
+                    official.append(result)
+                    print(f"# {size} {result['name']} ({result['dtype']}, {result['device']}): "
+                          f"step {result['step_s']:.3f} s, {result['images_per_s']:.2f} img/s",
+                          flush=True)
+                    write_json(args.json, [], official)
     devices = tpu_topology.devices(args.topology) if args.topology else None
     on_cpu = jax.default_backend() == "cpu" and devices is None
     args.dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
@@ -262,8 +401,9 @@ def main() -> None:
         if args.repa and devices is None:
             default = make_config(args, size, *DEFAULT_VARIANT)
             dino = random_dinov2(default, trainer.make_mesh(default))
-        grid = itertools.product(kernels, args.remat.split(","), scans, accums)
-        for attention, remat, scan, accum in grid:
+        grid = [] if args.only else list(
+            itertools.product(kernels, args.remat.split(","), scans, accums))
+        for attention, remat, scan, accum in unique(extra + grid):
             try:
                 if devices is not None:
                     row = measure_on_topology(args, size, attention, remat, scan, accum, devices)
@@ -271,9 +411,10 @@ def main() -> None:
                     row = measure(args, size, attention, remat, scan, accum, dino)
             except Exception as e:  # noqa: BLE001 - report the variant and go on with the rest
                 print(f"# {size} {attention} {remat} scan={scan} accum={accum}: FAILED "
-                      f"{type(e).__name__}: {str(e)[:300]}", flush=True)
+                      f"{type(e).__name__}: {str(e)[:800]}", flush=True)
                 continue
             rows.append(row)
+            write_json(args.json, rows, official)
             done = (f"total {row['total_gib']:.2f} GiB/chip" if devices is not None else
                     f"step {row['step_s']:.3f} s, loss {row['loss']:.4f}")
             print(f"# {size} {attention:9} remat={remat:13} scan={scan!s:5} accum={accum} "
@@ -282,11 +423,38 @@ def main() -> None:
         print(topology_table(rows, args.topology))
     else:
         print(table(rows))
-        print("speed x = default variant's step time / this one's; temp x = temporaries / the "
-              "default's; compile x likewise (default = xla, remat none, unrolled, accum 1).")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        print("speed x = baseline's step time / this one's; temp x = temporaries / the "
+              "baseline's; compile x likewise (baseline = xla, remat none, unrolled, accum 1 "
+              "where measured, else the model's first row).")
+        if official:
+            peak = flops_lib.peak_flops_per_device(jax.devices()[0], args.peak_tflops)
+            print(official_table(official, rows, None if peak is None else peak / 1e12))
+            if args.repa:
+                print("(the official rows have REPA off; ours above have it on)")
+    return {"rows": rows, "official": official}
+
+
+def parse_variant(text: str) -> tuple:
+    """"xla:none:0:1" -> ("xla", "none", False, 1)."""
+    try:
+        attention, remat, scan, accum = text.split(":")
+        return attention, remat, bool(int(scan)), int(accum)
+    except ValueError:
+        raise SystemExit(f"--also={text!r}: expected ATTENTION:REMAT:SCAN:ACCUM, e.g. "
+                         "xla:none:0:1") from None
+
+
+def unique(variants: list[tuple]) -> list[tuple]:
+    return list(dict.fromkeys(variants))
+
+
+def write_json(path: str | None, rows: list[dict], official: list[dict]) -> None:
+    """{"rows": our variants, "official": the official runs} to `path`, replaced atomically."""
+    if not path:
+        return
+    tmp = pathlib.Path(f"{path}.tmp")
+    tmp.write_text(json.dumps({"rows": rows, "official": official}, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -350,15 +350,21 @@ def compile_step(lowered):
     return compiled
 
 
+def model_forward_flops(model_config, tokens: int) -> float:
+    """Analytic FLOPs of one example's forward pass of the configured model on `tokens` tokens."""
+    kw = ddt.model_kwargs(model_config)
+    return flops_lib.model_forward_flops(
+        tokens=tokens, hidden_size=kw["hidden_size"], num_blocks=kw["num_blocks"],
+        patch_features=kw["in_channels"] * kw["patch_size"] ** 2, mlp_ratio=kw["mlp_ratio"],
+        num_encoder_blocks=kw.get("num_encoder_blocks"))
+
+
 def step_flops(config, abstract_batch, dinov2_depth: int = 12) -> float:
     """Analytic FLOPs of one global train step (see ddt_jax/flops.py)."""
     kw = ddt.model_kwargs(config.model)
     x = abstract_batch["moments" if "moments" in abstract_batch else "pixels"]
     tokens = (x.shape[1] // kw["patch_size"]) * (x.shape[2] // kw["patch_size"])
-    forward = flops_lib.model_forward_flops(
-        tokens=tokens, hidden_size=kw["hidden_size"], num_blocks=kw["num_blocks"],
-        patch_features=kw["in_channels"] * kw["patch_size"] ** 2, mlp_ratio=kw["mlp_ratio"],
-        num_encoder_blocks=kw.get("num_encoder_blocks"))
+    forward = model_forward_flops(config.model, tokens)
     projector = dino = 0.0
     if repa_enabled(config):
         dim = (config.repa.projector_dim if config.repa.projector_dim is not None
