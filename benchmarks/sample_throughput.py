@@ -48,6 +48,7 @@ from flax import nnx
 
 from ddt_jax import sampler as sampler_lib
 from ddt_jax.models import ddt
+from ddt_jax.models import layers
 
 KIND_NAMES = {sampler_lib.FULL_CFG: "enc+dec CFG", sampler_lib.FULL_COND: "enc+dec cond",
               sampler_lib.DEC_CFG: "dec CFG", sampler_lib.DEC_COND: "dec cond"}
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per K and kind")
     parser.add_argument("--dtype", default="float32", choices=sorted(ddt.DTYPES),
                         help="model compute dtype (the sampler state is float32 always)")
+    parser.add_argument("--attention", default="auto", choices=layers.ATTENTION_IMPLEMENTATIONS,
+                        help="model.attention (auto: cuDNN flash on GPU in bfloat16, the splash "
+                        "kernel on TPU, else xla)")
     parser.add_argument("--dtype_steps", default="",
                         help="comma-separated step counts: compare float32 and bfloat16 samples "
                              "of the same noise and labels (K = 1); empty: skip")
@@ -85,7 +89,8 @@ def build(args, dtype: str):
     config = ddt.default_model_config()
     config.update(variant=args.variant, num_encoder_blocks=args.num_encoder_blocks,
                   hidden_size=args.hidden_size, num_heads=args.num_heads,
-                  num_blocks=args.num_blocks, image_size=args.image_size, dtype=dtype)
+                  num_blocks=args.num_blocks, image_size=args.image_size, dtype=dtype,
+                  attention=args.attention)
     model = ddt.build_model(config, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
@@ -245,7 +250,9 @@ def print_tables(args, model, mesh, results: dict) -> None:
           f"{model.hidden_size}), latent {args.image_size}x{args.image_size}x{model.in_channels} "
           f"({model.num_tokens(args.image_size, args.image_size)} tokens), batch "
           f"{args.batch_size} over {mesh.size} {jax.devices()[0].platform} device(s), "
-          f"{args.dtype}; Euler, CFG {args.guidance} on 0.3 < t < 1, last_step 0.04")
+          f"{args.dtype}, attention {args.attention} (runs as "
+          f"{layers.resolve_attention(args.attention, ddt.DTYPES[args.dtype])}); Euler, CFG "
+          f"{args.guidance} on 0.3 < t < 1, last_step 0.04")
     print("\nstep s per kind (each jitted alone): " + ", ".join(
         f"{name} {s:.4f}" for name, s in results["step_s"].items()))
     if n == target:
