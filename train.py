@@ -62,6 +62,9 @@ flags.DEFINE_integer("heartbeat_timeout", sharding.HEARTBEAT_TIMEOUT_SECONDS, "M
                      "runs: seconds without a heartbeat after which a process counts as dead and "
                      "every process stops with an error (instead of waiting in a collective).",
                      lower_bound=1)
+flags.DEFINE_integer("init_timeout", sharding.INIT_TIMEOUT_SECONDS, "Multi-process runs: "
+                     "seconds each process waits for all of them to connect to the coordinator "
+                     "before it stops with an error.", lower_bound=1)
 flags.DEFINE_list("allow_config_change", [], "Config fields (or sections, e.g. model) that may "
                   "differ from the saved config.json of the run being resumed.")
 flags.mark_flags_as_required(["config"])
@@ -141,7 +144,8 @@ def main(argv):
     # Before anything touches a JAX backend: jax.distributed.initialize must come first.
     sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id,
-                                  heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+                                  heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
+                                  init_timeout_seconds=FLAGS.init_timeout)
     logging.info("JAX process %d of %d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].device_kind)

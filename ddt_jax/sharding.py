@@ -320,6 +320,11 @@ def bytes_per_device(tree) -> int:
 # not miss them, only a process stalled as a whole (SIGSTOP, swapping, a host off the network).
 # train.py --heartbeat_timeout sets it.
 HEARTBEAT_TIMEOUT_SECONDS = 100
+# JAX's default: how long jax.distributed.initialize waits for every process to connect. A peer
+# that never starts (a typo in its flags, a host that did not boot) leaves the others waiting this
+# long, then each aborts with "DEADLINE_EXCEEDED ... RegisterTask" (measured: 5.0 s at 5).
+# train.py --init_timeout sets it.
+INIT_TIMEOUT_SECONDS = 300
 
 # Environment variables that mean "one of several processes" on the clusters JAX auto-detects.
 _CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
@@ -368,7 +373,8 @@ def _env_int(name: str) -> int | None:
 
 def initialize_processes(coordinator_address: str | None = None, num_processes: int | None = None,
                          process_id: int | None = None, *,
-                         heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> None:
+                         heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS,
+                         init_timeout_seconds: int = INIT_TIMEOUT_SECONDS) -> None:
     """jax.distributed.initialize for the entry points, then one log line per process.
 
     Peers come from, in order: the flags; JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
@@ -390,22 +396,32 @@ def initialize_processes(coordinator_address: str | None = None, num_processes: 
       process_id: this process's index.
       heartbeat_timeout_seconds: how long the coordination service waits for a process's
         heartbeat before declaring it dead and stopping every process (must be positive).
+      init_timeout_seconds: how long each process waits for all of them to connect before it
+        aborts (must be positive).
 
     Raises:
-      ValueError: heartbeat_timeout_seconds is not positive.
+      ValueError: a timeout is not positive.
     """
-    if heartbeat_timeout_seconds <= 0:
-        raise ValueError(f"heartbeat_timeout_seconds must be positive, got "
-                         f"{heartbeat_timeout_seconds}")
-    timeouts = {"heartbeat_timeout_seconds": int(heartbeat_timeout_seconds)}
+    for name, value in (("heartbeat_timeout_seconds", heartbeat_timeout_seconds),
+                        ("init_timeout_seconds", init_timeout_seconds)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    timeouts = {"heartbeat_timeout_seconds": int(heartbeat_timeout_seconds),
+                "initialization_timeout": int(init_timeout_seconds)}
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if coordinator_address:
         num_processes = num_processes if num_processes is not None else _env_int(
             "JAX_NUM_PROCESSES")
         process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+        # Said first: if a peer never connects, JAX aborts this process with a bare deadline.
+        logging.info("process %s of %s: connecting to the coordinator at %s; waiting up to %d s "
+                     "for every process to connect (train.py --init_timeout)", process_id,
+                     num_processes, coordinator_address, init_timeout_seconds)
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id, **timeouts)
     elif multiprocess_environment():
+        logging.info("multi-process environment detected: waiting up to %d s for every process "
+                     "to connect (train.py --init_timeout)", init_timeout_seconds)
         jax.distributed.initialize(**timeouts)
     logging.info("process %d of %d: %d local devices %s; %d devices in all",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -173,3 +173,23 @@ def test_two_processes_reject_a_truncated_latest_step_together(preempted, refere
         assert f"resuming from the checkpoint at step {previous} in" in log
     assert (workdir / checkpoint_lib.REJECTED_DIR / "10" / "REJECTED.txt").exists()
     assert_close_to_reference(restored_params(workdir), reference[1])
+
+
+def test_a_peer_that_never_connects_stops_the_other_within_the_init_timeout(tmp_path):
+    # Process 1 is never started (a typo in its flags, a host that did not boot): process 0 says
+    # how long it waits, then stops non-zero after --init_timeout instead of JAX's 300 s.
+    t0 = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+         f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2",
+         "--process_id=0", "--init_timeout=5"],
+        cwd=REPO, env=subprocess_env(num_devices=4, PYTHONUNBUFFERED="1"),
+        capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - t0
+    log = run.stdout + run.stderr
+    assert run.returncode != 0, log[-3000:]
+    wait = "waiting up to 5 s for every process to connect (train.py --init_timeout)"
+    assert wait in log, log[-3000:]
+    assert "DEADLINE_EXCEEDED" in log and "RegisterTask" in log, log[-3000:]
+    assert elapsed < 120, elapsed       # start-up (imports) + 5 s; the default would be 300 s
+    assert not (tmp_path / "w").exists()   # nothing was written before the processes met
