@@ -366,7 +366,8 @@ def main(argv=None) -> dict:
                         help="write the rows here (rewritten after every variant, so a run "
                         "stopped early keeps what it measured)")
     args = parser.parse_args(argv)
-    extra = [parse_variant(v) for v in (args.only or args.also).split(",") if v]
+    flag = "--only" if args.only else "--also"
+    extra = [parse_variant_spec(v, flag) for v in (args.only or args.also).split(",") if v]
     official = []
     if args.official_repo and not args.topology:
         # Before anything asks JAX for a device: JAX would claim most of the GPU's memory.
@@ -434,13 +435,14 @@ def main(argv=None) -> dict:
     return {"rows": rows, "official": official}
 
 
-def parse_variant(text: str) -> tuple:
-    """"xla:none:0:1" -> ("xla", "none", False, 1)."""
+def parse_variant_spec(text: str, flag: str) -> tuple:
+    """"xla:none:0:1" -> ("xla", "none", False, 1); `flag` names the flag it came from in the
+    error."""
     try:
         attention, remat, scan, accum = text.split(":")
         return attention, remat, bool(int(scan)), int(accum)
     except ValueError:
-        raise SystemExit(f"--also={text!r}: expected ATTENTION:REMAT:SCAN:ACCUM, e.g. "
+        raise SystemExit(f"{flag}={text!r}: expected ATTENTION:REMAT:SCAN:ACCUM, e.g. "
                          "xla:none:0:1") from None
 
 
