@@ -8,15 +8,20 @@ section has the details.
 import os
 import sys
 
-import jax
-from absl import app
-from absl import flags
+from ddt_jax import host_memory
 
-from ddt_jax import console
-from ddt_jax import sharding
-from ddt_jax.evaluation import evaluate_npz
-from ddt_jax.evaluation import inception_features as features_lib
-from ddt_jax.evaluation import reference
+# Before jax starts its CPU client: XLA:CPU's per-step temporaries reuse warm pages.
+host_memory.keep_freed_memory()
+
+import jax  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from ddt_jax import console  # noqa: E402
+from ddt_jax import sharding  # noqa: E402
+from ddt_jax.evaluation import evaluate_npz  # noqa: E402
+from ddt_jax.evaluation import inception_features as features_lib  # noqa: E402
+from ddt_jax.evaluation import reference  # noqa: E402
 
 flags.DEFINE_string("inception", None, "Inception-v3 weights: pytorch-fid's "
                     f"{evaluate_npz.INCEPTION_FILE} or its converted .safetensors.")

@@ -11,16 +11,21 @@ import difflib
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+from ddt_jax import host_memory
 
-from ddt_jax import checkpoint as checkpoint_lib
-from ddt_jax import console
-from ddt_jax import sample_dump
-from ddt_jax import sampler as sampler_lib
-from ddt_jax import sharding
+# Before jax starts its CPU client: XLA:CPU's per-step temporaries reuse warm pages.
+host_memory.keep_freed_memory()
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ddt_jax import checkpoint as checkpoint_lib  # noqa: E402
+from ddt_jax import console  # noqa: E402
+from ddt_jax import sample_dump  # noqa: E402
+from ddt_jax import sampler as sampler_lib  # noqa: E402
+from ddt_jax import sharding  # noqa: E402
 
 
 def check_config_overrides(argv: list[str], config) -> None:

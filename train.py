@@ -28,6 +28,11 @@ class _EarlySigterm:
 EARLY_SIGTERM = _EarlySigterm()
 signal.signal(signal.SIGTERM, EARLY_SIGTERM)
 
+from ddt_jax import host_memory  # noqa: E402
+
+# Before jax starts its CPU client: XLA:CPU's per-step temporaries reuse warm pages.
+host_memory.keep_freed_memory()
+
 import jax  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

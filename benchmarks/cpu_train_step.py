@@ -12,6 +12,12 @@ value_and_grad of the loss, and the whole step, the variants interleaved in ever
 share the machine's load; medians over the repeats. backward = value_and_grad - forward,
 optimizer + EMA = step - value_and_grad.
 
+Malloc: the script calls host_memory.keep_freed_memory() before JAX starts (as train.py does), and
+runs every layout a second time with glibc's default large-block mmap ("<layout>, glibc malloc":
+the same executable; every step then faults its temporaries' pages in afresh). The first such
+row ("xla, glibc malloc") is the step before all of the CPU work; the table also counts the
+minor page faults per step.
+
 --official_repo=PATH (a checkout of github.com/MCG-NJU/DDT) also times the official PyTorch model
 (src/models/denoiser/decoupled_improved_dit.py, the same sizes) in eager mode, one torch thread, in
 the same interleaved loop (benchmarks/official_train_step.py: forward under no_grad, and a step of
@@ -25,18 +31,24 @@ import resource
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
+from ddt_jax import host_memory
 
-from ddt_jax import config_schema
-from ddt_jax import sharding
-from ddt_jax import trainer
+# Before jax starts its CPU client: XLA:CPU's per-step temporaries reuse warm pages.
+host_memory.keep_freed_memory()
 
-import official_train_step   # benchmarks/ (the script's own folder)
-import train_step as train_step_benchmark
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from ddt_jax import config_schema  # noqa: E402
+from ddt_jax import sharding  # noqa: E402
+from ddt_jax import trainer  # noqa: E402
+
+import official_train_step  # noqa: E402  (benchmarks/, the script's own folder)
+import train_step as train_step_benchmark  # noqa: E402
 
 ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 BEFORE, AFTER = "xla", "row_major"
+GLIBC = "glibc malloc"   # the suffix of a variant run with glibc's default malloc settings
 PARTS = ("forward", "value_and_grad", "step")
 
 
@@ -94,6 +106,21 @@ class JaxVariant:
             self.last_loss = float(metrics["loss"])
 
 
+class GlibcMallocVariant:
+    """A JAX variant run with glibc's default large-block mmap (host_memory.allow_mmap): the
+    step as it ran before host_memory.keep_freed_memory(), in the same process."""
+
+    def __init__(self, inner: JaxVariant):
+        self.inner, self.name, self.compile_s = inner, f"{inner.name}, {GLIBC}", 0.0
+
+    def run(self, part: str) -> None:
+        host_memory.allow_mmap(True)
+        try:
+            self.inner.run(part)
+        finally:
+            host_memory.allow_mmap(False)
+
+
 class OfficialVariant:
     """The official PyTorch DDT in eager mode on one torch thread (official_train_step.py)."""
 
@@ -134,42 +161,63 @@ def main() -> None:
           f"{args.variant}, {args.image_size}px ({args.image_size // 8}^2 latents), batch "
           f"{args.batch_size}, float32, REPA off; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
           f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up", flush=True)
-    variants = []
-    for layout in args.layouts.split(","):
+    variants, layouts = [], args.layouts.split(",")
+    for layout in layouts:
         variants.append(JaxVariant(args, layout))
         print(f"# {layout}: compiled in {variants[-1].compile_s:.1f} s", flush=True)
+    if host_memory.applied():
+        # Each layout also as it ran with glibc's default malloc (fresh pages for the temporaries
+        # every step); the first such row is the baseline. The same executables, so no compile.
+        glibc = [GlibcMallocVariant(v) for v in variants]
+        variants = [glibc[0]] + [v for pair in zip(glibc[1:], variants[1:]) for v in pair]
+        if len(layouts) == 1:
+            variants.append(glibc[0].inner)
+    else:
+        print("# host_memory.keep_freed_memory() did not apply here (not glibc, or "
+              f"{host_memory.OPT_OUT_ENV} set): every variant runs with the default malloc")
     if args.official_repo:
         variants.append(OfficialVariant(args, args.official_repo))
     # Wall time, and the process's CPU time (user + system: page faults of fresh temporaries
     # count), which other jobs on the machine disturb much less than the wall clock.
     wall = {(v.name, p): [] for v in variants for p in PARTS}
     cpu = {(v.name, p): [] for v in variants for p in PARTS}
+    faults = {(v.name, p): [] for v in variants for p in PARTS}
     for r in range(args.warmup + args.repeats):
         for part in PARTS:
             for v in variants:
-                t0, c0 = time.perf_counter(), cpu_seconds()
+                t0, c0, f0 = time.perf_counter(), cpu_seconds(), minor_faults()
                 v.run(part)
                 if r >= args.warmup:
                     wall[(v.name, part)].append(time.perf_counter() - t0)
                     cpu[(v.name, part)].append(cpu_seconds() - c0)
+                    faults[(v.name, part)].append(minor_faults() - f0)
         if r >= args.warmup:
             print(f"# round {r + 1 - args.warmup}: " + ", ".join(
                 f"{v.name} step {wall[(v.name, 'step')][-1]:.2f} s "
                 f"(CPU {cpu[(v.name, 'step')][-1]:.2f} s)" for v in variants), flush=True)
     for title, times in (("wall-clock", wall), ("CPU time (user + system)", cpu)):
         print(f"\n{title}, median of {args.repeats} rounds:")
-        print(table(variants, {k: statistics.median(v) for k, v in times.items()}))
+        print(table(variants, {k: statistics.median(v) for k, v in times.items()},
+                    {k: statistics.median(v) for k, v in faults.items()}))
     names = [v.name for v in variants]
+    glibc_after = f"{AFTER}, {GLIBC}"
     for title, times in (("wall", wall), ("CPU", cpu)):
         med = {k: statistics.median(v) for k, v in times.items()}
         line = [f"{title}: {AFTER} step {med[(AFTER, 'step')]:.3f} s" if AFTER in names else ""]
         if AFTER in names and names[0] != AFTER:
             line.append(f"{med[(names[0], 'step')] / med[(AFTER, 'step')]:.2f}x the speed of "
                         f"{names[0]} (before)")
+        if glibc_after in names and names[0] != glibc_after:
+            line.append(f"{med[(glibc_after, 'step')] / med[(AFTER, 'step')]:.2f}x {glibc_after}")
         if OfficialVariant.name in names and AFTER in names:
             line.append(f"{med[(OfficialVariant.name, 'step')] / med[(AFTER, 'step')]:.2f}x the "
                         "official's")
         print(", ".join(x for x in line if x))
+
+
+def minor_faults() -> int:
+    """The process's minor page faults so far (fresh pages the kernel mapped in)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def cpu_seconds() -> float:
@@ -177,15 +225,17 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def table(variants, med: dict) -> str:
+def table(variants, med: dict, faults: dict) -> str:
     base = variants[0].name
     lines = ["| variant | forward s | backward s | value_and_grad s | optimizer+EMA s | step s "
-             f"| step speed vs {base} |", "|---|---|---|---|---|---|---|"]
+             f"| step speed vs {base} | page faults per step |",
+             "|---|---|---|---|---|---|---|---|"]
     for v in variants:
         f, g, s = (med[(v.name, p)] for p in PARTS)
         lines.append(f"| {v.name} | {f:.3f} | {g - f:.3f} | {g:.3f} | {s - g:.3f} | {s:.3f} "
-                     f"| {med[(base, 'step')] / s:.2f}x |")
+                     f"| {med[(base, 'step')] / s:.2f}x | {faults[(v.name, 'step')]:.0f} |")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

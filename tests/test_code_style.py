@@ -19,7 +19,7 @@ LAZY_ALLOWED = ("torch", "tqdm", "clu", "tensorflow", "tensorflow_datasets")
 # The layers of the library, bottom first: a module imports only from lower layers, or from its
 # own layer inside its own package (models.ddt uses models.layers). README "Layout" shows them.
 LAYERS = (
-    ("ddt_jax.files",),
+    ("ddt_jax.files", "ddt_jax.host_memory"),
     ("ddt_jax.models", "ddt_jax.rng", "ddt_jax.console", "ddt_jax.flops", "ddt_jax.sharding",
      "ddt_jax.tpu_topology",
      "ddt_jax.checkpoint", "ddt_jax.sampler", "ddt_jax.evaluation.frechet",
