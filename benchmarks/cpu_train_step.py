@@ -173,8 +173,9 @@ def main() -> None:
         if len(layouts) == 1:
             variants.append(glibc[0].inner)
     else:
-        print("# host_memory.keep_freed_memory() did not apply here (not glibc, or "
-              f"{host_memory.OPT_OUT_ENV} set): every variant runs with the default malloc")
+        print("# host_memory.keep_freed_memory() did not apply here (not glibc, not JAX on the "
+              f"CPU, or {host_memory.OPT_OUT_ENV} set): every variant runs with the default "
+              "malloc")
     if args.official_repo:
         variants.append(OfficialVariant(args, args.official_repo))
     # Wall time, and the process's CPU time (user + system: page faults of fresh temporaries

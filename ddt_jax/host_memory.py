@@ -9,7 +9,7 @@ PyTorch's step, whose tensors are smaller than glibc's mmap threshold, faults al
 `keep_freed_memory()` makes glibc serve large blocks from its heap and keep freed memory there
 (one arena, no mmap, no trim below 2 GiB), so the second and later steps reuse warm pages: 0
 faults per step, and the S/2 step 1.31x faster in the same process
-(benchmarks/cpu_train_step.py, variant "row_major, glibc default").
+(benchmarks/cpu_train_step.py, row "row_major, glibc malloc").
 
 It must run before JAX starts its CPU client: glibc fixes the number of arenas the first time a
 second thread allocates, and a thread's own arena would still mmap a block that large. The entry
