@@ -10,8 +10,10 @@ import sys
 
 from ddt_jax import host_memory
 
-# Before jax starts its CPU client: XLA:CPU's per-step temporaries reuse warm pages.
-host_memory.keep_freed_memory()
+if __name__ == "__main__":
+    # Before anything else runs: may re-execute this process with huge pages for XLA:CPU's
+    # per-step temporaries (see ddt_jax/host_memory.py).
+    host_memory.use_huge_pages()
 
 import jax  # noqa: E402
 from absl import app  # noqa: E402

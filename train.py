@@ -11,6 +11,13 @@ import difflib
 import os
 import signal
 
+from ddt_jax import host_memory
+
+if __name__ == "__main__":
+    # First of all (a SIGTERM recorded below would not survive it): may re-execute this process
+    # with huge pages for XLA:CPU's per-step temporaries (see ddt_jax/host_memory.py).
+    host_memory.use_huge_pages()
+
 
 class _EarlySigterm:
     """Records a SIGTERM that comes before the trainer's handler exists (e.g. during the ~5 s of
@@ -27,11 +34,6 @@ class _EarlySigterm:
 
 EARLY_SIGTERM = _EarlySigterm()
 signal.signal(signal.SIGTERM, EARLY_SIGTERM)
-
-from ddt_jax import host_memory  # noqa: E402
-
-# Before jax starts its CPU client: XLA:CPU's per-step temporaries reuse warm pages.
-host_memory.keep_freed_memory()
 
 import jax  # noqa: E402
 from absl import app  # noqa: E402

@@ -9,10 +9,15 @@ import re
 import signal
 import sys
 
-import orbax.checkpoint as ocp
-from absl import app
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ddt_jax import host_memory  # noqa: E402
+
+if __name__ == "__main__":
+    host_memory.use_huge_pages()   # first, as train.py's own __main__ does
+
+import orbax.checkpoint as ocp  # noqa: E402
+from absl import app  # noqa: E402
 
 import train  # noqa: E402
 
