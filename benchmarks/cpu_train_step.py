@@ -12,11 +12,12 @@ value_and_grad of the loss, and the whole step, the variants interleaved in ever
 share the machine's load; medians over the repeats. backward = value_and_grad - forward,
 optimizer + EMA = step - value_and_grad.
 
-Malloc: the script calls host_memory.keep_freed_memory() before JAX starts (as train.py does), and
-runs every layout a second time with glibc's default large-block mmap ("<layout>, glibc malloc":
-the same executable; every step then faults its temporaries' pages in afresh). The first such
-row ("xla, glibc malloc") is the step before all of the CPU work; the table also counts the
-minor page faults per step.
+Page size: the script starts as train.py does (host_memory.use_huge_pages(): XLA's per-step
+temporaries in transparent huge pages), and runs every layout a second time with huge pages
+turned off for the process ("<layout>, 4K pages": the same executable; every step then faults
+its 1.6 GB of temporaries in 4 KiB at a time, as before host_memory). The first such row
+("xla, 4K pages") is the step before all of the CPU work; the table also counts the minor page
+faults per step.
 
 --official_repo=PATH (a checkout of github.com/MCG-NJU/DDT) also times the official PyTorch model
 (src/models/denoiser/decoupled_improved_dit.py, the same sizes) in eager mode, one torch thread, in
@@ -33,8 +34,10 @@ import time
 
 from ddt_jax import host_memory
 
-# Before jax starts its CPU client: XLA:CPU's per-step temporaries reuse warm pages.
-host_memory.keep_freed_memory()
+if __name__ == "__main__":
+    # Before anything else runs: may re-execute this process with huge pages for XLA:CPU's
+    # per-step temporaries (see ddt_jax/host_memory.py).
+    host_memory.use_huge_pages()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -48,7 +51,7 @@ import train_step as train_step_benchmark  # noqa: E402
 
 ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 BEFORE, AFTER = "xla", "row_major"
-GLIBC = "glibc malloc"   # the suffix of a variant run with glibc's default malloc settings
+SMALL_PAGES = "4K pages"   # the suffix of a variant run with transparent huge pages off
 PARTS = ("forward", "value_and_grad", "step")
 
 
@@ -106,19 +109,19 @@ class JaxVariant:
             self.last_loss = float(metrics["loss"])
 
 
-class GlibcMallocVariant:
-    """A JAX variant run with glibc's default large-block mmap (host_memory.allow_mmap): the
-    step as it ran before host_memory.keep_freed_memory(), in the same process."""
+class SmallPagesVariant:
+    """A JAX variant run with transparent huge pages off (host_memory.allow_huge_pages): the
+    step as it ran before host_memory.use_huge_pages(), in the same process."""
 
     def __init__(self, inner: JaxVariant):
-        self.inner, self.name, self.compile_s = inner, f"{inner.name}, {GLIBC}", 0.0
+        self.inner, self.name, self.compile_s = inner, f"{inner.name}, {SMALL_PAGES}", 0.0
 
     def run(self, part: str) -> None:
-        host_memory.allow_mmap(True)
+        host_memory.allow_huge_pages(False)
         try:
             self.inner.run(part)
         finally:
-            host_memory.allow_mmap(False)
+            host_memory.allow_huge_pages(True)
 
 
 class OfficialVariant:
@@ -165,17 +168,18 @@ def main() -> None:
     for layout in layouts:
         variants.append(JaxVariant(args, layout))
         print(f"# {layout}: compiled in {variants[-1].compile_s:.1f} s", flush=True)
-    if host_memory.applied():
-        # Each layout also as it ran with glibc's default malloc (fresh pages for the temporaries
-        # every step); the first such row is the baseline. The same executables, so no compile.
-        glibc = [GlibcMallocVariant(v) for v in variants]
-        variants = [glibc[0]] + [v for pair in zip(glibc[1:], variants[1:]) for v in pair]
+    if host_memory.huge_pages_in_use():
+        # Each layout also as it ran with 4 KiB pages (every step faults its temporaries in
+        # afresh); the first such row is the baseline. The same executables, so no compile.
+        small = [SmallPagesVariant(v) for v in variants]
+        variants = [small[0]] + [v for pair in zip(small[1:], variants[1:]) for v in pair]
         if len(layouts) == 1:
-            variants.append(glibc[0].inner)
+            variants.append(small[0].inner)
     else:
-        print("# host_memory.keep_freed_memory() did not apply here (not glibc, not JAX on the "
-              f"CPU, or {host_memory.OPT_OUT_ENV} set): every variant runs with the default "
-              "malloc")
+        print(f"# no huge pages here (kernel THP mode {host_memory.thp_mode()!r}, glibc "
+              f"{host_memory.glibc_version()}, {host_memory.TUNABLES_ENV}="
+              f"{os.environ.get(host_memory.TUNABLES_ENV, '')!r}): every variant runs with 4 KiB "
+              "pages")
     if args.official_repo:
         variants.append(OfficialVariant(args, args.official_repo))
     # Wall time, and the process's CPU time (user + system: page faults of fresh temporaries
@@ -201,15 +205,15 @@ def main() -> None:
         print(table(variants, {k: statistics.median(v) for k, v in times.items()},
                     {k: statistics.median(v) for k, v in faults.items()}))
     names = [v.name for v in variants]
-    glibc_after = f"{AFTER}, {GLIBC}"
+    small_after = f"{AFTER}, {SMALL_PAGES}"
     for title, times in (("wall", wall), ("CPU", cpu)):
         med = {k: statistics.median(v) for k, v in times.items()}
         line = [f"{title}: {AFTER} step {med[(AFTER, 'step')]:.3f} s" if AFTER in names else ""]
         if AFTER in names and names[0] != AFTER:
             line.append(f"{med[(names[0], 'step')] / med[(AFTER, 'step')]:.2f}x the speed of "
                         f"{names[0]} (before)")
-        if glibc_after in names and names[0] != glibc_after:
-            line.append(f"{med[(glibc_after, 'step')] / med[(AFTER, 'step')]:.2f}x {glibc_after}")
+        if small_after in names and names[0] != small_after:
+            line.append(f"{med[(small_after, 'step')] / med[(AFTER, 'step')]:.2f}x {small_after}")
         if OfficialVariant.name in names and AFTER in names:
             line.append(f"{med[(OfficialVariant.name, 'step')] / med[(AFTER, 'step')]:.2f}x the "
                         "official's")
